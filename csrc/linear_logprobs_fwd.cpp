@@ -1,0 +1,81 @@
+// Forward of the fused linear -> per-token log-prob op on CPU.
+//
+// For every (vocabulary tile, token block) a logits tile is computed by a single-threaded GEMM, its
+// row maxima and sum of exponentials are merged into running (max, sum) statistics of the worker's
+// vocabulary slice (online log-sum-exp), and the target logit is picked from the tile that holds it.
+// After the parallel region the per-slice statistics are merged into the log-sum-exp.
+#include "linear_logprobs.h"
+
+#include <limits>
+
+namespace logo_kernels {
+
+std::tuple<at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                                           const std::optional<at::Tensor>& bias,
+                                                           const at::Tensor& targets, double inv_temperature,
+                                                           double softcap, int64_t block_tokens,
+                                                           int64_t block_vocab) {
+  check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
+  const int64_t n = hidden.size(0);
+  const int64_t vocab = weight.size(0);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, f32);
+  at::Tensor lse = at::empty({n}, f32);
+  if (n == 0) return {logp, lse};
+
+  const at::Tensor h32 = hidden.detach().to(at::kFloat).contiguous();
+  const at::Tensor w = weight.detach().contiguous();
+  const at::Tensor b32 = bias.has_value() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor();
+  const float* bias_ptr = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  const LogitTransform tf{inv_temperature, softcap};
+
+  const int64_t bn = std::min(block_tokens, n);
+  const int64_t bv = std::min(block_vocab, vocab);
+  const int64_t slices = num_vocab_slices(vocab, bv);
+  // Running statistics per vocabulary slice; the floor keeps exp(m_old - m_new) finite when a whole
+  // tile is -inf (e.g. a bias that masks tokens out).
+  const float floor = std::numeric_limits<float>::lowest();
+  at::Tensor run_max = at::full({slices, n}, floor, f32);
+  at::Tensor run_sum = at::zeros({slices, n}, f32);
+  at::Tensor target_logit = at::empty({n}, f32);
+  float* tl = target_logit.data_ptr<float>();
+
+  at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
+    const BelowAutogradGuard below_autograd;
+    at::Tensor buf = at::empty({bn * bv}, f32);
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
+      at::Tensor m_all = run_max[s];
+      at::Tensor sum_all = run_sum[s];
+      for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
+        const int64_t cur_bv = std::min(bv, slice.end - v0);
+        const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv);
+        for (int64_t n0 = 0; n0 < n; n0 += bn) {
+          const int64_t cur_bn = std::min(bn, n - n0);
+          at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
+          compute_logits_tile(x, h32.narrow(0, n0, cur_bn), wt, bias_ptr, v0, tf);
+
+          const float* xp = x.data_ptr<float>();
+          for (int64_t r = 0; r < cur_bn; ++r) {
+            const int64_t t = tgt[n0 + r];
+            if (t >= v0 && t < v0 + cur_bv) tl[n0 + r] = xp[r * cur_bv + (t - v0)];
+          }
+          at::Tensor m_old = m_all.narrow(0, n0, cur_bn);
+          at::Tensor sum = sum_all.narrow(0, n0, cur_bn);
+          at::Tensor m_new = at::maximum(m_old, std::get<0>(x.max(1))).clamp_min_(floor);
+          x.sub_(m_new.unsqueeze(1)).exp_();
+          sum.mul_((m_old - m_new).exp_()).add_(x.sum(1));
+          m_old.copy_(m_new);
+        }
+      }
+    }
+  });
+
+  const at::Tensor m = std::get<0>(run_max.max(0));
+  lse.copy_(m + (run_sum * (run_max - m.unsqueeze(0)).exp_()).sum(0).log_());
+  at::sub_out(logp, target_logit, lse);
+  return {logp, lse};
+}
+
+}  // namespace logo_kernels

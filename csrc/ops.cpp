@@ -1,0 +1,39 @@
+// Registers the CPU kernels as torch operators (torch.ops.logo_kernels.*) so that autograd wrappers,
+// torch.compile (with the fake kernels registered in Python) and TorchScript can all see them.
+#include <torch/library.h>
+
+#include "linear_logprobs.h"
+
+namespace logo_kernels {
+
+void check_op_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& targets, int64_t block_tokens, int64_t block_vocab) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be [N, D], got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must be [V, D], got ", weight.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden and weight disagree on D: ", hidden.size(1), " vs ",
+              weight.size(1));
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must share a dtype");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must be [N]");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous(), "targets must be contiguous int64");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "bias must be [V]");
+  TORCH_CHECK(block_tokens > 0 && block_vocab > 0, "block sizes must be positive");
+  TORCH_CHECK(weight.size(0) > 0, "vocabulary must not be empty");
+}
+
+}  // namespace logo_kernels
+
+TORCH_LIBRARY(logo_kernels, m) {
+  m.def(
+      "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
+      "float softcap, int block_tokens, int block_vocab) -> (Tensor logp, Tensor lse)");
+  m.def(
+      "linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_lse, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor targets, Tensor lse, float inv_temperature, float softcap, int block_tokens, int block_vocab, "
+      "bool need_hidden, bool need_weight, bool need_bias, int workspace_bytes) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(logo_kernels, CPU, m) {
+  m.impl("linear_logprobs_fwd", &logo_kernels::linear_logprobs_fwd_cpu);
+  m.impl("linear_logprobs_bwd", &logo_kernels::linear_logprobs_bwd_cpu);
+}

@@ -1,0 +1,45 @@
+"""What every backend of the fused linear -> log-prob op implements.
+
+Backends see compacted inputs only: hidden [n, D] and weight [V, D] contiguous, of one dtype; bias [V] or
+None; targets [n] int64, all in [0, V). They return fp32 (fp64 for fp64 inputs) logp and lse [n], and
+gradients in the dtypes of their inputs (None for a gradient not asked for).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Tuple
+
+import torch
+
+Grads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """logits = (hidden @ weight.T + bias) / temperature, then softcap * tanh(logits / softcap) if set."""
+
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class GradsNeeded:
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+class Backend(Protocol):
+    name: str
+
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform,
+                chunk_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (logp [n], lse [n])."""
+
+    def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
+                 chunk_size: Optional[int], needed: GradsNeeded) -> Grads:
+        """grad_logp [n] fp32, grad_lse [n] fp32 or None -> (d_hidden, d_weight, d_bias)."""

@@ -1,0 +1,79 @@
+"""C++ (OpenMP) CPU backend: thin wrapper over ``torch.ops.logo_kernels.linear_logprobs_{fwd,bwd}``.
+
+The operators come from the optional extension ``logo_kernels._C`` (csrc/). Fake (meta) kernels are
+registered here so torch.compile can trace through the ops without running them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .base import GradsNeeded, Grads, LogitTransform
+
+#: Token rows per tile GEMM (``chunk_size`` overrides it).
+DEFAULT_BLOCK_TOKENS = 256
+#: Vocabulary rows per tile GEMM.
+DEFAULT_BLOCK_VOCAB = 512
+#: Budget of the per-thread fp32 dHidden accumulators of the backward, in bytes.
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+
+_LOAD_ERROR: Optional[str] = None
+try:
+    from logo_kernels import _C  # noqa: F401  (registers torch.ops.logo_kernels.*)
+except ImportError as exc:  # extension not built: the dispatcher falls back to the torch backend
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def is_available() -> bool:
+    return _LOAD_ERROR is None
+
+
+def unavailable_reason() -> Optional[str]:
+    return _LOAD_ERROR
+
+
+if is_available():
+
+    @torch.library.register_fake("logo_kernels::linear_logprobs_fwd")
+    def _fwd_fake(hidden, weight, bias, targets, inv_temperature, softcap, block_tokens, block_vocab):
+        n = hidden.shape[0]
+        return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+    @torch.library.register_fake("logo_kernels::linear_logprobs_bwd")
+    def _bwd_fake(grad_logp, grad_lse, hidden, weight, bias, targets, lse, inv_temperature, softcap,
+                  block_tokens, block_vocab, need_hidden, need_weight, need_bias, workspace_bytes):
+        return (
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            torch.empty_like(bias) if need_bias else weight.new_empty(0),
+        )
+
+
+def _softcap_arg(transform: LogitTransform) -> float:
+    return 0.0 if transform.softcap is None else float(transform.softcap)
+
+
+class CppBackend:
+    name = "cpp"
+
+    def __init__(self, block_vocab: int = DEFAULT_BLOCK_VOCAB, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):
+        self.block_vocab = block_vocab
+        self.workspace_bytes = workspace_bytes
+
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform,
+                chunk_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.logo_kernels.linear_logprobs_fwd(
+            hidden, weight, bias, targets, 1.0 / transform.temperature, _softcap_arg(transform),
+            chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab,
+        )
+
+    def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
+                 chunk_size: Optional[int], needed: GradsNeeded) -> Grads:
+        grads = torch.ops.logo_kernels.linear_logprobs_bwd(
+            grad_logp.float().contiguous(), None if grad_lse is None else grad_lse.float().contiguous(),
+            hidden, weight, bias, targets, lse, 1.0 / transform.temperature, _softcap_arg(transform),
+            chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab,
+            needed.hidden, needed.weight, needed.bias, self.workspace_bytes,
+        )
+        return tuple(g if want else None for g, want in zip(grads, (needed.hidden, needed.weight, needed.bias)))

@@ -1,0 +1,37 @@
+"""Builds the optional C++ (OpenMP) extension ``logo_kernels._C`` from ``csrc/``.
+
+The extension is *optional*: if there is no compiler, or the build fails, installation still succeeds
+and ``logo_kernels`` falls back to its chunked torch backend (with a one-line warning at first use).
+Set ``LOGO_KERNELS_NO_EXT=1`` to skip the build on purpose.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+
+def _extensions():
+    if os.environ.get("LOGO_KERNELS_NO_EXT", "0") == "1":
+        print("LOGO_KERNELS_NO_EXT=1: skipping the C++ extension", file=sys.stderr)
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # torch missing at build time: pure-python install
+        print("torch is not importable at build time: skipping the C++ extension", file=sys.stderr)
+        return [], {}
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    ext = CppExtension(
+        name="logo_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_link_args=["-fopenmp"],
+    )
+    ext.optional = True  # a failed compile warns and continues (setuptools build_ext semantics)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,279 @@
+"""Fused linear -> log-prob op vs a float64 materialised reference: forward and every gradient."""
+import functools
+import os
+
+import pytest
+import torch
+
+import logo_kernels as lk
+from reference import Result, assert_close_to_reference, materialized
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(n, vocab, dim, *, dtype=torch.float32, bias=True, ignore_frac=0.1, logit_scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=g)
+    # Scale so that logits have standard deviation ~logit_scale whatever D is.
+    weight = torch.randn(vocab, dim, generator=g) * (logit_scale / max(dim, 1) ** 0.5)
+    b = torch.randn(vocab, generator=g) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignore_frac] = -100
+    grad_logp = torch.randn(n, generator=g)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), targets, cast(b), grad_logp
+
+
+def run_fused(hidden, weight, targets, bias, grad_logp, grad_lse=None, **kwargs) -> Result:
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    logp, lse = lk.linear_logprobs(h, w, targets, b, return_lse=True, **kwargs)
+    assert logp.dtype == torch.float32 and lse.dtype == torch.float32
+    objective = (logp * grad_logp).sum()
+    if grad_lse is not None:
+        objective = objective + (lse * grad_lse).sum()
+    objective.backward()
+    for grad, src in ((h.grad, hidden), (w.grad, weight), (None if b is None else b.grad, bias)):
+        if grad is not None:
+            assert grad.dtype == src.dtype, "gradients must come back in the input dtype"
+    return Result(logp.detach(), lse.detach(), h.grad, w.grad, None if b is None else b.grad)
+
+
+@functools.lru_cache(maxsize=8)
+def references(n, vocab, dim, dtype, bias, temperature, softcap, with_lse_grad, seed=0):
+    """(inputs, fp64 truth, naive same-dtype) for one case; shared by the backends."""
+    hidden, weight, targets, b, grad_logp = make_inputs(n, vocab, dim, dtype=dtype, bias=bias, seed=seed)
+    grad_lse = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)) if with_lse_grad else None
+    kw = dict(grad_logp=grad_logp, grad_lse=grad_lse, temperature=temperature, softcap=softcap)
+    truth = materialized(hidden, weight, targets, b, dtype=torch.float64, **kw)
+    naive = materialized(hidden, weight, targets, b, dtype=None, **kw)
+    return (hidden, weight, targets, b, grad_logp, grad_lse), truth, naive
+
+
+@pytest.mark.parametrize("dim", [1, 8, 64])
+@pytest.mark.parametrize("vocab", [1, 17, 1000, 32003])
+@pytest.mark.parametrize("n", [1, 7, 257, 1000])
+def test_shape_matrix_fp32(backend, n, vocab, dim):
+    (hidden, weight, targets, b, g, _), truth, naive = references(n, vocab, dim, torch.float32, True, 1.0, None,
+                                                                  False)
+    ours = run_fused(hidden, weight, targets, b, g, backend=backend)
+    assert_close_to_reference(ours, truth, naive, torch.float32)
+
+
+OPTIONS = {
+    "plain": dict(bias=False, temperature=1.0, softcap=None, with_lse_grad=False),
+    "bias": dict(bias=True, temperature=1.0, softcap=None, with_lse_grad=False),
+    "temperature": dict(bias=True, temperature=0.7, softcap=None, with_lse_grad=False),
+    "softcap": dict(bias=False, temperature=1.0, softcap=4.0, with_lse_grad=False),
+    "softcap+temperature+lse_grad": dict(bias=True, temperature=1.3, softcap=6.0, with_lse_grad=True),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes_and_options(backend, dtype, option):
+    opts = OPTIONS[option]
+    (hidden, weight, targets, b, g, g_lse), truth, naive = references(257, 1000, 64, dtype, **opts)
+    ours = run_fused(hidden, weight, targets, b, g, g_lse, backend=backend, temperature=opts["temperature"],
+                     softcap=opts["softcap"])
+    assert_close_to_reference(ours, truth, naive, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_vocab_half_precision(backend, dtype):
+    (hidden, weight, targets, b, g, _), truth, naive = references(100, 32003, 64, dtype, True, 1.0, None, False)
+    ours = run_fused(hidden, weight, targets, b, g, backend=backend)
+    assert_close_to_reference(ours, truth, naive, dtype)
+
+
+def test_backends_agree():
+    if len(lk.available_backends()) < 3:
+        pytest.skip("needs both CPU backends")
+    hidden, weight, targets, b, g = make_inputs(300, 5000, 32, seed=3)
+    results = [run_fused(hidden, weight, targets, b, g, backend=name, softcap=8.0) for name in ("torch", "cpp")]
+    for name, a in results[0].tensors().items():
+        torch.testing.assert_close(a, results[1].tensors()[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_chunk_size_does_not_change_result(backend):
+    hidden, weight, targets, b, g = make_inputs(130, 777, 16, seed=4)
+    whole = run_fused(hidden, weight, targets, b, g, backend=backend, chunk_size=1000)
+    for chunk in (1, 7, 64):
+        part = run_fused(hidden, weight, targets, b, g, backend=backend, chunk_size=chunk)
+        for name, value in part.tensors().items():
+            torch.testing.assert_close(value, whole.tensors()[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("pattern", ["none_ignored", "all_ignored", "first_last", "alternate", "custom_index"])
+def test_ignore_patterns(backend, pattern):
+    hidden, weight, targets, b, g = make_inputs(64, 300, 16, ignore_frac=0.0, seed=5)
+    ignore_index = -100
+    if pattern == "all_ignored":
+        targets[:] = -100
+    elif pattern == "first_last":
+        targets[[0, -1]] = -100
+    elif pattern == "alternate":
+        targets[::2] = -100
+    elif pattern == "custom_index":
+        ignore_index = 7
+        targets[::3] = 7
+    kw = dict(grad_logp=g, ignore_index=ignore_index)
+    truth = materialized(hidden, weight, targets, b, dtype=torch.float64, **kw)
+    naive = materialized(hidden, weight, targets, b, dtype=None, **kw)
+    ours = run_fused(hidden, weight, targets, b, g, backend=backend, ignore_index=ignore_index)
+    ignored = targets == ignore_index
+    assert (ours.logp[ignored] == 0).all() and (ours.lse[ignored] == 0).all()
+    assert (ours.d_hidden[ignored] == 0).all()
+    assert_close_to_reference(ours, truth, naive, torch.float32)
+
+
+def test_empty_input_gives_empty_output_and_zero_grads(backend):
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    bias = torch.randn(11, requires_grad=True)
+    logp = lk.linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), bias, backend=backend)
+    assert logp.shape == (0,)
+    logp.sum().backward()
+    assert hidden.grad.shape == (0, 8)
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_all_ignored_gives_zeros_not_nan(backend):
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    targets = torch.full((2, 5), -100)
+    logp = lk.linear_logprobs(hidden, weight, targets, backend=backend)
+    (logp * 3.0).sum().backward()
+    assert torch.equal(logp, torch.zeros(2, 5))
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4])
+def test_extreme_logits(backend, scale):
+    hidden, weight, targets, b, g = make_inputs(50, 4000, 16, logit_scale=scale, seed=6)
+    for softcap in (None, 30.0):
+        kw = dict(grad_logp=g, softcap=softcap)
+        truth = materialized(hidden, weight, targets, b, dtype=torch.float64, **kw)
+        naive = materialized(hidden, weight, targets, b, dtype=None, **kw)
+        ours = run_fused(hidden, weight, targets, b, g, backend=backend, softcap=softcap)
+        assert_close_to_reference(ours, truth, naive, torch.float32)
+
+
+def test_masking_bias_with_minus_inf(backend):
+    """A bias of -inf removes tokens from the softmax; whole -inf vocabulary tiles must not give NaN."""
+    hidden, weight, targets, _, g = make_inputs(40, 3000, 8, ignore_frac=0.0, seed=7)
+    bias = torch.zeros(3000)
+    bias[1000:] = float("-inf")
+    targets = targets % 1000
+    kw = dict(grad_logp=g)
+    truth = materialized(hidden, weight, targets, bias, dtype=torch.float64, **kw)
+    ours = run_fused(hidden, weight, targets, bias, g, backend=backend)
+    torch.testing.assert_close(ours.logp.double(), truth.logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.d_hidden.double(), truth.d_hidden, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.d_weight.double(), truth.d_weight, rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous_inputs(backend):
+    hidden, weight, targets, b, g = make_inputs(90, 500, 24, seed=8)
+    base = run_fused(hidden, weight, targets, b, g, backend=backend)
+    # The same values behind strided views.
+    hidden_nc = torch.empty(24, 90 * 2)[:, ::2].T
+    hidden_nc.copy_(hidden)
+    weight_nc = torch.empty(500, 48)[:, ::2]
+    weight_nc.copy_(weight)
+    targets_nc = torch.empty(180, dtype=torch.long)[::2]
+    targets_nc.copy_(targets)
+    bias_nc = torch.empty(1000)[::2]
+    bias_nc.copy_(b)
+    assert not (hidden_nc.is_contiguous() or weight_nc.is_contiguous() or targets_nc.is_contiguous())
+    strided = run_fused(hidden_nc, weight_nc, targets_nc, bias_nc, g, backend=backend)
+    for name, value in strided.tensors().items():
+        torch.testing.assert_close(value, base.tensors()[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_leading_dims_and_int32_targets(backend):
+    hidden, weight, targets, b, g = make_inputs(24, 100, 8, seed=9)
+    flat = run_fused(hidden, weight, targets, b, g, backend=backend)
+    logp = lk.linear_logprobs(hidden.view(2, 3, 4, 8), weight, targets.view(2, 3, 4).int(), b, backend=backend)
+    assert logp.shape == (2, 3, 4)
+    torch.testing.assert_close(logp.reshape(-1), flat.logp)
+    single = lk.linear_logprobs(hidden[1], weight, targets[1].clamp_min(0), b, backend=backend)
+    assert single.shape == ()
+
+
+def test_frozen_weight_and_hidden_only_grads(backend):
+    hidden, weight, targets, b, g = make_inputs(60, 700, 16, seed=10)
+    truth = materialized(hidden, weight, targets, b, grad_logp=g)
+    h = hidden.clone().requires_grad_()
+    logp = lk.linear_logprobs(h, weight, targets, b, backend=backend)  # weight, bias frozen (LoRA)
+    (logp * g).sum().backward()
+    torch.testing.assert_close(h.grad.double(), truth.d_hidden, rtol=1e-5, atol=1e-5)
+    w = weight.clone().requires_grad_()
+    logp = lk.linear_logprobs(hidden, w, targets, b, backend=backend)  # only the head trains
+    (logp * g).sum().backward()
+    torch.testing.assert_close(w.grad.double(), truth.d_weight, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64_torch_backend():
+    hidden, weight, targets, b, _ = make_inputs(6, 9, 4, seed=11)
+    args = [t.double().requires_grad_() for t in (hidden, weight, b)]
+
+    def fn(h, w, bias):
+        logp, lse = lk.linear_logprobs(h, w, targets, bias, backend="torch", temperature=0.8, softcap=3.0,
+                                       return_lse=True, chunk_size=4)
+        return logp, lse
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_torch_compile_sees_the_op(backend):
+    hidden, weight, targets, b, g = make_inputs(32, 200, 16, seed=12)
+    eager = lk.linear_logprobs(hidden, weight, targets, b, backend=backend)
+    compiled = torch.compile(lambda h, w, t, bias: lk.linear_logprobs(h, w, t, bias, backend=backend),
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(hidden, weight, targets, b), eager)
+
+
+def test_cpp_extension_is_built():
+    """CI builds the extension; the fallback is only allowed when it was skipped on purpose."""
+    if os.environ.get("LOGO_KERNELS_NO_EXT") == "1":
+        pytest.skip("extension disabled on purpose")
+    assert "cpp" in lk.available_backends(), "C++ extension failed to build or load"
+
+
+@functools.lru_cache(maxsize=1)
+def _huge_case():
+    """N * V > 2**31 inputs and their fp64 reference, computed a block of rows at a time (an [N, V] fp64
+    tensor would take 17 GB). The gradient formula itself is checked against autograd by the small-shape
+    tests; this case is about 64-bit offsets, so the reference applies the formula directly."""
+    n, vocab, dim = 65_600, 32_768, 1
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(n, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[-8:] = torch.arange(vocab - 8, vocab)  # the last rows hit the last columns: the largest offsets
+    grad_logp = torch.randn(n, generator=g)
+    w64 = weight.double()
+    logp, d_hidden, d_weight = torch.empty(n, dtype=torch.float64), torch.empty(n, dim, dtype=torch.float64), 0
+    for start in range(0, n, 1024):
+        rows = slice(start, start + 1024)
+        h64 = hidden[rows].double()
+        logits = h64 @ w64.T
+        lse = torch.logsumexp(logits, dim=1, keepdim=True)
+        logp[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse.squeeze(1)
+        grad_logits = torch.exp_(logits.sub_(lse)).mul_(-grad_logp[rows, None].double())
+        grad_logits.scatter_add_(1, targets[rows, None], grad_logp[rows, None].double())
+        d_hidden[rows] = grad_logits @ w64
+        d_weight = d_weight + grad_logits.T @ h64
+    return (hidden, weight, targets, grad_logp), (logp, d_hidden, d_weight)
+
+
+def test_more_than_2_pow_31_logits(backend):
+    """N * V > 2**31 with a tiny D: offsets must be 64-bit everywhere."""
+    (hidden, weight, targets, grad_logp), (logp, d_hidden, d_weight) = _huge_case()
+    assert targets.numel() * weight.shape[0] > 2**31
+    ours = run_fused(hidden, weight, targets, None, grad_logp, backend=backend)
+    torch.testing.assert_close(ours.logp.double(), logp, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.d_hidden.double(), d_hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.d_weight.double(), d_weight, rtol=1e-4, atol=1e-3)

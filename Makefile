@@ -1,0 +1,37 @@
+# Two commands from a fresh machine: `make train` and `make test`. Each creates .venv when missing,
+# installs torch==2.13.0 first (the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build),
+# then this package with its extras (building the C++ extension), then runs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.logo-installed
+EXTRAS ?= test,bench,train
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0 setuptools wheel ninja
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PY) -c "import logo_kernels as lk; print('logo_kernels backends:', lk.available_backends())"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m logo.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/bench_linear_logprobs.py --quick
+
+clean:
+	rm -rf build *.egg-info logo_kernels/*.so .pytest_cache

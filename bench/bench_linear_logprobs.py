@@ -1,0 +1,200 @@
+"""Per-token log-probs from hidden states, fwd + bwd with a random per-token upstream gradient.
+
+Methods (each measured in its own process, median of ``--repeats`` runs after a warm-up):
+  naive        log_softmax(hidden @ W.T).gather(targets)         (materialises [N, V] logits)
+  torch_lce    torch 2.13 F.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
+  ours_torch   logo_kernels.linear_logprobs(backend="torch")     (chunked torch reference)
+  ours_cpp     logo_kernels.linear_logprobs(backend="cpp")       (C++ / OpenMP kernels)
+  ours_triton  logo_kernels.linear_logprobs(backend="triton")    (only with a CUDA device: skipped here)
+  cce          cut_cross_entropy.linear_cross_entropy(impl="torch_compile")  (its CPU path)
+  trl          trl.kernels.ChunkedLogProbFunction                 (its torch path on CPU)
+Liger-Kernel's fused linear cross-entropy is Triton-only (no CPU path), so it is not in this CPU sweep.
+A plain fp32 GEMM [N, D] x [D, V] is timed in the same run to report the GEMM efficiency of each method
+(8·N·V·D FLOPs for fwd + bwd with recomputation).
+
+    python bench/bench_linear_logprobs.py                 # full sweep (long)
+    python bench/bench_linear_logprobs.py --quick         # N in {1024, 4096}, V = 32000
+    python bench/bench_linear_logprobs.py --ns 4096 --vocabs 32000 --methods naive ours_cpp
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+METHODS = ["naive", "torch_lce", "ours_torch", "ours_cpp", "ours_triton", "cce", "trl"]
+FULL_NS = [1024, 2048, 4096, 8192, 16384]
+FULL_VOCABS = [32000, 128256]
+# fp32 [N, V] buffers a method holds at its peak (rough, for skipping cases that cannot fit).
+_LOGITS_COPIES = {"naive": 4, "torch_lce": 0.5, "cce": 2, "trl": 0.5}
+
+
+def build_step(method: str, n: int, vocab: int, dim: int, seed: int = 0):
+    """Returns a zero-argument fwd+bwd step for ``method`` on fixed random inputs (fp32)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=g).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=g) * dim**-0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    upstream = torch.randn(n, generator=g)
+
+    if method == "naive":
+        def logp():
+            return torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    elif method == "torch_lce":
+        import torch.nn.functional as F
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def logp():
+            return -F.linear_cross_entropy(hidden, weight, targets, reduction="none", options=options)
+    elif method.startswith("ours_"):
+        import logo_kernels as lk
+        backend = method[len("ours_"):]
+
+        def logp():
+            return lk.linear_logprobs(hidden, weight, targets, backend=backend)
+    elif method == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def logp():
+            return -linear_cross_entropy(hidden, weight, targets, reduction="none", impl="torch_compile")
+    elif method == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+
+        def logp():
+            return ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 4096, None, 1.0, ())[0]
+    elif method == "gemm":
+        w_t = weight.detach().T
+
+        def step():
+            torch.mm(hidden.detach(), w_t)
+        return step
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def step():
+        hidden.grad = weight.grad = None
+        (logp() * upstream).sum().backward()
+    return step
+
+
+def measure(case: dict) -> dict:
+    import torch
+    torch.set_num_threads(case["threads"])
+    step = build_step(case["method"], case["n"], case["vocab"], case["dim"])
+    return harness.time_runs(step, repeats=case["repeats"], warmup=1)
+
+
+def skip_reason(method: str, n: int, vocab: int) -> str | None:
+    if method == "ours_triton":
+        import torch
+        if not torch.cuda.is_available():
+            return "no CUDA device (the triton backend is benchmarked on GPUs only)"
+    if method in ("cce", "trl"):
+        import importlib.util
+        module = {"cce": "cut_cross_entropy", "trl": "trl"}[method]
+        if importlib.util.find_spec(module) is None:
+            return f"{module} not installed"
+    need = _LOGITS_COPIES.get(method, 0) * n * vocab * 4
+    available = harness.available_memory_bytes()
+    if available is not None and need > 0.8 * available:
+        return f"does not fit: needs ~{need / 2**30:.0f} GiB, {available / 2**30:.0f} GiB available"
+    return None
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("error") and r["method"] != "gemm"]
+    vocabs = sorted({int(r["vocab"]) for r in ok})
+    if not vocabs:
+        return
+    fig, axes = plt.subplots(2, len(vocabs), figsize=(6 * len(vocabs), 8), squeeze=False)
+    for col, vocab in enumerate(vocabs):
+        for method in METHODS:
+            pts = sorted((int(r["n"]), float(r["median_s"]), float(r["peak_extra_mib"]))
+                         for r in ok if r["method"] == method and int(r["vocab"]) == vocab)
+            if not pts:
+                continue
+            ns, secs, mib = zip(*pts)
+            axes[0][col].plot(ns, secs, marker="o", label=method)
+            axes[1][col].plot(ns, mib, marker="o", label=method)
+        axes[0][col].set_title(f"fwd+bwd time, V={vocab}, D={ok[0]['dim']}, fp32")
+        axes[1][col].set_title(f"peak RSS over baseline, V={vocab}")
+        axes[0][col].set_ylabel("seconds (median)")
+        axes[1][col].set_ylabel("MiB")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens N")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    harness.save_figure(fig, path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ns", type=int, nargs="+", default=FULL_NS)
+    parser.add_argument("--vocabs", type=int, nargs="+", default=FULL_VOCABS)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--quick", action="store_true", help="N in {1024, 4096}, V = 32000")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "linear_logprobs"),
+                        help="output prefix: writes PREFIX.csv and PREFIX.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ns, args.vocabs = [1024, 4096], [32000]
+
+    cases = []
+    for vocab in args.vocabs:
+        for n in args.ns:
+            # Methods interleaved per shape (timing noise here is ~30% between runs far apart).
+            for method in ["gemm"] + args.methods:
+                case = dict(method=method, n=n, vocab=vocab, dim=args.dim, threads=args.threads,
+                            repeats=args.repeats)
+                reason = skip_reason(method, n, vocab)
+                if reason:
+                    case["skip"] = reason
+                cases.append(case)
+    rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout)
+    add_ratios(rows)
+    harness.write_csv(rows, args.out + ".csv")
+    plot(rows, args.out + ".png")
+    print(f"wrote {args.out}.csv and {args.out}.png")
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Adds time / memory relative to naive and GEMM efficiency to each measured row."""
+    by_shape = {}
+    for r in rows:
+        if not r.get("error"):
+            by_shape.setdefault((r["n"], r["vocab"], r["dim"]), {})[r["method"]] = r
+    for (n, vocab, dim), methods in by_shape.items():
+        naive, gemm = methods.get("naive"), methods.get("gemm")
+        if gemm:
+            gemm["gflops"] = round(2 * n * vocab * dim / gemm["median_s"] / 1e9, 1)
+        for method, r in methods.items():
+            if method == "gemm":
+                continue
+            r["gflops"] = round(8 * n * vocab * dim / r["median_s"] / 1e9, 1)
+            if gemm:
+                r["gemm_efficiency"] = round(r["gflops"] / gemm["gflops"], 3)
+            if naive:
+                r["time_vs_naive"] = round(r["median_s"] / naive["median_s"], 3)
+                r["memory_vs_naive"] = round(r["peak_extra_mib"] / max(naive["peak_extra_mib"], 1e-9), 3)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        harness.worker_main(measure)
+    else:
+        main()

@@ -1,0 +1,124 @@
+"""Shared benchmark harness: one fresh process per measured case, warm-up, medians, peak RSS, CSV, plots.
+
+A bench script defines its cases and a ``measure(case) -> dict`` function that runs *in the worker
+process*; ``run_cases`` starts ``python SCRIPT --worker JSON`` for each case so that every method starts
+from a clean heap and its peak RSS (``ru_maxrss`` over the baseline taken just before the first call) is
+its own. Results are appended to a CSV as they come, so an interrupted sweep keeps what it measured.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, List, Optional
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_runs(step: Callable[[], None], repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Runs ``step`` warmup + repeats times; returns median / min / max seconds of the timed runs and the
+    peak RSS over the baseline taken before the first call (warm-up included: it allocates the same)."""
+    baseline = peak_rss_bytes()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+        "peak_extra_mib": (peak_rss_bytes() - baseline) / 2**20,
+    }
+
+
+def worker_main(measure: Callable[[dict], dict]) -> None:
+    """Entry of a worker process: ``SCRIPT --worker '<case json>'`` prints one JSON line of results."""
+    case = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    result = measure(case)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_case(script: str, case: dict, timeout_s: float) -> dict:
+    """Measures one case in a fresh process; returns case + results, or case + an ``error``."""
+    cmd = [sys.executable, script, "--worker", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timeout after {timeout_s:.0f}s"}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {**case, "error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return {**case, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def run_cases(script: str, cases: Iterable[dict], csv_path: str, timeout_s: float = 1800,
+              log: Callable[[str], None] = print) -> List[dict]:
+    """Runs every case in its own process, appending each row to ``csv_path`` (atomically rewritten)."""
+    rows: List[dict] = []
+    for case in cases:
+        if case.get("skip"):
+            row = {**case, "error": case["skip"]}
+        else:
+            row = run_case(script, case, timeout_s)
+        rows.append(row)
+        write_csv(rows, csv_path)
+        log(format_row(row))
+    return rows
+
+
+def format_row(row: dict) -> str:
+    keys = [k for k in row if k not in ("median_s", "min_s", "max_s", "peak_extra_mib", "error", "skip")]
+    head = " ".join(f"{k}={row[k]}" for k in keys)
+    if "error" in row:
+        return f"{head}: skipped ({row['error']})"
+    return f"{head}: {row['median_s']:.3f}s median, +{row['peak_extra_mib']:.0f} MiB peak RSS"
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    """Writes rows (union of keys, first-seen order) to ``path`` via a temp file + rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields: List[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".csv.tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_csv(path: str) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def available_memory_bytes() -> Optional[int]:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
+def save_figure(fig, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    os.replace(tmp, path)

@@ -22,7 +22,7 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
         _require_tensor("bias", bias)
 
     if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+        raise TypeError(f"hidden must be float32, bfloat16 or float16 (float64 with backend='torch'), got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if bias is not None and bias.dtype != weight.dtype:

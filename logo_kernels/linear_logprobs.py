@@ -31,11 +31,11 @@ class _LinearLogprobs(torch.autograd.Function):
 
         logp_kept, lse_kept = backend.forward(h.contiguous(), weight.contiguous(), bias, t.contiguous(),
                                               transform, chunk_size)
-        out_dtype = logp_kept.dtype
-        logp = torch.zeros(n, dtype=out_dtype, device=hidden.device)
-        lse = torch.zeros(n, dtype=out_dtype, device=hidden.device)
-        logp.index_copy_(0, kept, logp_kept)
-        lse.index_copy_(0, kept, lse_kept)
+        if compact:  # scatter back; ignored rows keep 0
+            logp = logp_kept.new_zeros(n).index_copy_(0, kept, logp_kept)
+            lse = lse_kept.new_zeros(n).index_copy_(0, kept, lse_kept)
+        else:
+            logp, lse = logp_kept, lse_kept.clone()  # lse_kept is saved for backward: never hand it out
 
         ctx.save_for_backward(hidden, weight, bias, t, kept, lse_kept)
         ctx.compact = compact

@@ -3,7 +3,9 @@
 // Contract (both kernels): hidden [N, D] and weight [V, D] of one floating dtype (fp32/bf16/fp16),
 // bias [V] or none, targets [N] int64 all in [0, V) (ignored rows are compacted away by the caller).
 // Accumulation is fp32; logp/lse are fp32 [N]; gradients come back in the dtypes of their inputs
-// (an empty tensor for a gradient that was not asked for).
+// (an empty tensor for a gradient that was not asked for). The forward can also return the gradient
+// basis Q = (softmax * softcap slope) @ W [N, D] fp32, which turns the frozen-head backward into an
+// elementwise expression (an empty tensor when not asked for).
 #pragma once
 
 #include <optional>
@@ -16,11 +18,10 @@ namespace logo_kernels {
 void check_op_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& targets, int64_t block_tokens, int64_t block_vocab);
 
-std::tuple<at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                           const std::optional<at::Tensor>& bias,
-                                                           const at::Tensor& targets, double inv_temperature,
-                                                           double softcap, int64_t block_tokens,
-                                                           int64_t block_vocab);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double inv_temperature, double softcap, int64_t block_tokens,
+    int64_t block_vocab, bool with_basis, int64_t workspace_bytes);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,

@@ -11,18 +11,6 @@
 
 namespace logo_kernels {
 
-namespace {
-
-// Largest token superblock whose per-slice dH accumulators fit the workspace budget.
-int64_t superblock_tokens(int64_t n, int64_t dim, int64_t slices, int64_t bn, int64_t workspace_bytes) {
-  if (slices <= 1) return n;
-  const int64_t per_token = (slices - 1) * dim * static_cast<int64_t>(sizeof(float));
-  const int64_t fit = std::max<int64_t>(1, workspace_bytes / std::max<int64_t>(per_token, 1));
-  return std::min(n, std::max(bn, fit / bn * bn));
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
@@ -65,8 +53,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   const int64_t bn = std::min(block_tokens, n);
   const int64_t bv = std::min(block_vocab, vocab);
   const int64_t slices = num_vocab_slices(vocab, bv);
-  const int64_t sb = need_hidden ? superblock_tokens(n, dim, slices, bn, workspace_bytes) : n;
-  const float cap = static_cast<float>(softcap);
+  // Slice 0 accumulates dH straight into the output; the others need a [superblock, D] fp32 buffer each.
+  const int64_t dh_bytes_per_token = need_hidden ? (slices - 1) * dim * static_cast<int64_t>(sizeof(float)) : 0;
+  const int64_t sb = superblock_tokens(n, dh_bytes_per_token, bn, workspace_bytes);
 
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
@@ -92,10 +81,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
             compute_logits_tile(x, h_block, wt, bias_ptr, v0, tf);
 
             at::Tensor deriv;
-            if (tf.has_softcap()) {  // d(cap*tanh(z/cap))/dz = 1 - (x/cap)^2, from the capped x
+            if (tf.has_softcap()) {
               deriv = deriv_buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
-              at::div_out(deriv, x, cap);
-              deriv.mul_(deriv).neg_().add_(1.0);
+              softcap_slope(deriv, x, tf.softcap);
             }
             // x <- p * coef_p (+ coef_t at the target column): the gradient w.r.t. the logits tile.
             x.sub_(lse32.narrow(0, n0, cur_bn).unsqueeze(1)).exp_();

@@ -4,24 +4,33 @@
 // row maxima and sum of exponentials are merged into running (max, sum) statistics of the worker's
 // vocabulary slice (online log-sum-exp), and the target logit is picked from the tile that holds it.
 // After the parallel region the per-slice statistics are merged into the log-sum-exp.
+//
+// With `with_basis`, the forward also returns the "gradient basis" Q = (softmax(x) * slope) @ W [N, D]
+// (slope = softcap derivative, 1 without softcap), accumulated online per slice exactly like the sum
+// of exponentials (rescaled whenever the running max grows). With it, dHidden for a frozen head is an
+// elementwise expression of the upstream gradients (see logo_kernels/linear_logprobs.py): the backward
+// needs no GEMM. Tokens then go in superblocks so that the per-slice [superblock, D] accumulators fit
+// `workspace_bytes`.
 #include "linear_logprobs.h"
 
 #include <limits>
+#include <vector>
 
 namespace logo_kernels {
 
-std::tuple<at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                           const std::optional<at::Tensor>& bias,
-                                                           const at::Tensor& targets, double inv_temperature,
-                                                           double softcap, int64_t block_tokens,
-                                                           int64_t block_vocab) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double inv_temperature, double softcap, int64_t block_tokens,
+    int64_t block_vocab, bool with_basis, int64_t workspace_bytes) {
   check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
   const int64_t n = hidden.size(0);
+  const int64_t dim = hidden.size(1);
   const int64_t vocab = weight.size(0);
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({n}, f32);
   at::Tensor lse = at::empty({n}, f32);
-  if (n == 0) return {logp, lse};
+  at::Tensor basis = with_basis ? at::empty({n, dim}, f32) : at::empty({0}, f32);
+  if (n == 0) return {logp, lse, basis};
 
   const at::Tensor h32 = hidden.detach().to(at::kFloat).contiguous();
   const at::Tensor w = weight.detach().contiguous();
@@ -33,6 +42,8 @@ std::tuple<at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hid
   const int64_t bn = std::min(block_tokens, n);
   const int64_t bv = std::min(block_vocab, vocab);
   const int64_t slices = num_vocab_slices(vocab, bv);
+  const int64_t basis_bytes_per_token = with_basis ? slices * dim * static_cast<int64_t>(sizeof(float)) : 0;
+  const int64_t sb = superblock_tokens(n, basis_bytes_per_token, bn, workspace_bytes);
   // Running statistics per vocabulary slice; the floor keeps exp(m_old - m_new) finite when a whole
   // tile is -inf (e.g. a bias that masks tokens out).
   const float floor = std::numeric_limits<float>::lowest();
@@ -41,41 +52,67 @@ std::tuple<at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hid
   at::Tensor target_logit = at::empty({n}, f32);
   float* tl = target_logit.data_ptr<float>();
 
-  at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
-    const BelowAutogradGuard below_autograd;
-    at::Tensor buf = at::empty({bn * bv}, f32);
-    for (int64_t s = s_begin; s < s_end; ++s) {
-      const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
-      at::Tensor m_all = run_max[s];
-      at::Tensor sum_all = run_sum[s];
-      for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
-        const int64_t cur_bv = std::min(bv, slice.end - v0);
-        const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv);
-        for (int64_t n0 = 0; n0 < n; n0 += bn) {
-          const int64_t cur_bn = std::min(bn, n - n0);
-          at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
-          compute_logits_tile(x, h32.narrow(0, n0, cur_bn), wt, bias_ptr, v0, tf);
+  for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
+    const int64_t nsb = std::min(sb, n - sb0);
+    std::vector<at::Tensor> basis_partial(slices);
+    at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
+      const BelowAutogradGuard below_autograd;
+      at::Tensor buf = at::empty({bn * bv}, f32);
+      at::Tensor slope_buf = with_basis && tf.has_softcap() ? at::empty({bn * bv}, f32) : at::Tensor();
+      for (int64_t s = s_begin; s < s_end; ++s) {
+        const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
+        at::Tensor m_all = run_max[s];
+        at::Tensor sum_all = run_sum[s];
+        if (with_basis) basis_partial[s] = at::zeros({nsb, dim}, f32);
+        for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
+          const int64_t cur_bv = std::min(bv, slice.end - v0);
+          const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv).contiguous();
+          for (int64_t n0 = sb0; n0 < sb0 + nsb; n0 += bn) {
+            const int64_t cur_bn = std::min(bn, sb0 + nsb - n0);
+            at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
+            compute_logits_tile(x, h32.narrow(0, n0, cur_bn), wt, bias_ptr, v0, tf);
 
-          const float* xp = x.data_ptr<float>();
-          for (int64_t r = 0; r < cur_bn; ++r) {
-            const int64_t t = tgt[n0 + r];
-            if (t >= v0 && t < v0 + cur_bv) tl[n0 + r] = xp[r * cur_bv + (t - v0)];
+            const float* xp = x.data_ptr<float>();
+            for (int64_t r = 0; r < cur_bn; ++r) {
+              const int64_t t = tgt[n0 + r];
+              if (t >= v0 && t < v0 + cur_bv) tl[n0 + r] = xp[r * cur_bv + (t - v0)];
+            }
+            at::Tensor slope;
+            if (slope_buf.defined()) {
+              slope = slope_buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
+              softcap_slope(slope, x, tf.softcap);
+            }
+            at::Tensor m_old = m_all.narrow(0, n0, cur_bn);
+            at::Tensor sum = sum_all.narrow(0, n0, cur_bn);
+            at::Tensor m_new = at::maximum(m_old, std::get<0>(x.max(1))).clamp_min_(floor);
+            const at::Tensor rescale = (m_old - m_new).exp_();
+            x.sub_(m_new.unsqueeze(1)).exp_();  // x <- exp(x - m_new)
+            sum.mul_(rescale).add_(x.sum(1));
+            if (with_basis) {
+              if (slope.defined()) x.mul_(slope);
+              basis_partial[s].narrow(0, n0 - sb0, cur_bn).mul_(rescale.unsqueeze(1)).addmm_(x, wt);
+            }
+            m_old.copy_(m_new);
           }
-          at::Tensor m_old = m_all.narrow(0, n0, cur_bn);
-          at::Tensor sum = sum_all.narrow(0, n0, cur_bn);
-          at::Tensor m_new = at::maximum(m_old, std::get<0>(x.max(1))).clamp_min_(floor);
-          x.sub_(m_new.unsqueeze(1)).exp_();
-          sum.mul_((m_old - m_new).exp_()).add_(x.sum(1));
-          m_old.copy_(m_new);
         }
       }
-    }
-  });
+    });
 
-  const at::Tensor m = std::get<0>(run_max.max(0));
-  lse.copy_(m + (run_sum * (run_max - m.unsqueeze(0)).exp_()).sum(0).log_());
+    // Every slice has seen every vocabulary row of this superblock: its log-sum-exp is final.
+    const at::Tensor rmax = run_max.narrow(1, sb0, nsb);
+    const at::Tensor m = std::get<0>(rmax.max(0));
+    const at::Tensor weights = (rmax - m.unsqueeze(0)).exp_();  // exp(m_s - m) per slice
+    at::Tensor lse_sb = lse.narrow(0, sb0, nsb);
+    lse_sb.copy_(m + (run_sum.narrow(1, sb0, nsb) * weights).sum(0).log_());
+    if (with_basis) {  // Q = sum_s acc_s * exp(m_s - lse)
+      const at::Tensor to_probs = (rmax - lse_sb.unsqueeze(0)).exp_();
+      at::Tensor q = basis.narrow(0, sb0, nsb);
+      q.zero_();
+      for (int64_t s = 0; s < slices; ++s) q.addcmul_(basis_partial[s], to_probs[s].unsqueeze(1));
+    }
+  }
   at::sub_out(logp, target_logit, lse);
-  return {logp, lse};
+  return {logp, lse, basis};
 }
 
 }  // namespace logo_kernels

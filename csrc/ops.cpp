@@ -25,7 +25,8 @@ void check_op_inputs(const at::Tensor& hidden, const at::Tensor& weight, const s
 TORCH_LIBRARY(logo_kernels, m) {
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
-      "float softcap, int block_tokens, int block_vocab) -> (Tensor logp, Tensor lse)");
+      "float softcap, int block_tokens, int block_vocab, bool with_basis, int workspace_bytes) "
+      "-> (Tensor logp, Tensor lse, Tensor basis)");
   m.def(
       "linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_lse, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor targets, Tensor lse, float inv_temperature, float softcap, int block_tokens, int block_vocab, "

@@ -50,6 +50,14 @@ inline VocabSlice vocab_slice(int64_t slice, int64_t num_slices, int64_t vocab, 
   return {std::min(vocab, t0 * block_vocab), std::min(vocab, t1 * block_vocab)};
 }
 
+// Largest token superblock (a multiple of bn, at least bn) whose per-token fp32 workspace of
+// `bytes_per_token` fits `workspace_bytes`; all of n when nothing per token is needed.
+inline int64_t superblock_tokens(int64_t n, int64_t bytes_per_token, int64_t bn, int64_t workspace_bytes) {
+  if (bytes_per_token <= 0) return n;
+  const int64_t fit = std::max<int64_t>(1, workspace_bytes / bytes_per_token);
+  return std::min(n, std::max(bn, fit / bn * bn));
+}
+
 // W rows [v0, v0 + bv) as an fp32 contiguous tile (a view when W is already fp32).
 inline at::Tensor weight_tile_fp32(const at::Tensor& weight, int64_t v0, int64_t bv) {
   at::Tensor tile = weight.narrow(0, v0, bv);
@@ -80,6 +88,12 @@ inline void compute_logits_tile(at::Tensor& out, const at::Tensor& h_block, cons
     const double cap = tf.softcap;
     out.div_(cap).tanh_().mul_(cap);
   }
+}
+
+// out = d(cap * tanh(z / cap)) / dz = 1 - (x / cap)^2, from the capped logits x (same shape).
+inline void softcap_slope(at::Tensor& out, const at::Tensor& x, double cap) {
+  at::div_out(out, x, cap);
+  out.mul_(out).neg_().add_(1.0);
 }
 
 }  // namespace logo_kernels

@@ -24,10 +24,11 @@ def make_inputs(n, vocab, dim, *, dtype=torch.float32, bias=True, ignore_frac=0.
     return cast(hidden), cast(weight), targets, cast(b), grad_logp
 
 
-def run_fused(hidden, weight, targets, bias, grad_logp, grad_lse=None, **kwargs) -> Result:
+def run_fused(hidden, weight, targets, bias, grad_logp, grad_lse=None, train_head=True, **kwargs) -> Result:
+    """Fused op with autograd; ``train_head=False`` freezes weight and bias (LoRA): their grads are None."""
     h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    b = None if bias is None else bias.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_(train_head)
+    b = None if bias is None else bias.detach().clone().requires_grad_(train_head)
     logp, lse = lk.linear_logprobs(h, w, targets, b, return_lse=True, **kwargs)
     assert logp.dtype == torch.float32 and lse.dtype == torch.float32
     objective = (logp * grad_logp).sum()
@@ -70,14 +71,19 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dtypes_and_options(backend, dtype, option):
+def test_dtypes_and_options(backend, dtype, option, head):
+    """A frozen head (LoRA) takes the gradient-basis path: same results, no weight/bias gradients."""
     opts = OPTIONS[option]
     (hidden, weight, targets, b, g, g_lse), truth, naive = references(257, 1000, 64, dtype, **opts)
-    ours = run_fused(hidden, weight, targets, b, g, g_lse, backend=backend, temperature=opts["temperature"],
-                     softcap=opts["softcap"])
-    assert_close_to_reference(ours, truth, naive, dtype)
+    ours = run_fused(hidden, weight, targets, b, g, g_lse, train_head=head == "trainable", backend=backend,
+                     temperature=opts["temperature"], softcap=opts["softcap"])
+    names = ("logp", "lse", "d_hidden") + (("d_weight", "d_bias") if head == "trainable" else ())
+    assert_close_to_reference(ours, truth, naive, dtype, names=names)
+    if head == "frozen":
+        assert ours.d_weight is None and ours.d_bias is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -105,8 +111,9 @@ def test_chunk_size_does_not_change_result(backend):
             torch.testing.assert_close(value, whole.tensors()[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
 @pytest.mark.parametrize("pattern", ["none_ignored", "all_ignored", "first_last", "alternate", "custom_index"])
-def test_ignore_patterns(backend, pattern):
+def test_ignore_patterns(backend, pattern, head):
     hidden, weight, targets, b, g = make_inputs(64, 300, 16, ignore_frac=0.0, seed=5)
     ignore_index = -100
     if pattern == "all_ignored":
@@ -121,11 +128,13 @@ def test_ignore_patterns(backend, pattern):
     kw = dict(grad_logp=g, ignore_index=ignore_index)
     truth = materialized(hidden, weight, targets, b, dtype=torch.float64, **kw)
     naive = materialized(hidden, weight, targets, b, dtype=None, **kw)
-    ours = run_fused(hidden, weight, targets, b, g, backend=backend, ignore_index=ignore_index)
+    ours = run_fused(hidden, weight, targets, b, g, train_head=head == "trainable", backend=backend,
+                     ignore_index=ignore_index)
     ignored = targets == ignore_index
     assert (ours.logp[ignored] == 0).all() and (ours.lse[ignored] == 0).all()
     assert (ours.d_hidden[ignored] == 0).all()
-    assert_close_to_reference(ours, truth, naive, torch.float32)
+    names = ("logp", "lse", "d_hidden") + (("d_weight", "d_bias") if head == "trainable" else ())
+    assert_close_to_reference(ours, truth, naive, torch.float32, names=names)
 
 
 def test_empty_input_gives_empty_output_and_zero_grads(backend):
@@ -200,6 +209,38 @@ def test_leading_dims_and_int32_targets(backend):
     torch.testing.assert_close(logp.reshape(-1), flat.logp)
     single = lk.linear_logprobs(hidden[1], weight, targets[1].clamp_min(0), b, backend=backend)
     assert single.shape == ()
+
+
+def test_frozen_head_backward_needs_no_backend_backward(backend, monkeypatch):
+    """With weight and bias frozen the backward is elementwise from the forward's gradient basis."""
+    from logo_kernels.backends import resolve_backend
+    impl = resolve_backend(backend, torch.device("cpu"), torch.float32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the frozen-head backward must not recompute logits")
+
+    monkeypatch.setattr(type(impl), "backward", refuse)
+    hidden, weight, targets, b, g = make_inputs(50, 300, 16, seed=14)
+    truth = materialized(hidden, weight, targets, b, grad_logp=g, softcap=5.0)
+    ours = run_fused(hidden, weight, targets, b, g, train_head=False, backend=backend, softcap=5.0)
+    torch.testing.assert_close(ours.d_hidden.double(), truth.d_hidden, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("cpp" not in lk.available_backends(), reason="C++ extension not built")
+@pytest.mark.parametrize("softcap", [0.0, 7.0])
+def test_cpp_superblocks_match_single_pass(softcap):
+    """A tiny workspace forces token superblocks in the forward (basis) and the backward (dH partials)."""
+    hidden, weight, targets, bias, g = make_inputs(300, 5000, 32, ignore_frac=0.0, seed=15)
+    grad_lse = torch.randn(300)
+    fwd, bwd = torch.ops.logo_kernels.linear_logprobs_fwd, torch.ops.logo_kernels.linear_logprobs_bwd
+    results = []
+    for workspace in (1 << 30, 1):  # one superblock; superblocks of one 16-token block
+        logp, lse, basis = fwd(hidden, weight, bias, targets, 0.8, softcap, 16, 512, True, workspace)
+        grads = bwd(g, grad_lse, hidden, weight, bias, targets, lse, 0.8, softcap, 16, 512, True, True, True,
+                    workspace)
+        results.append((logp, lse, basis) + tuple(grads))
+    for name, a, b in zip(["logp", "lse", "basis", "d_h", "d_w", "d_b"], *results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_frozen_weight_and_hidden_only_grads(backend):

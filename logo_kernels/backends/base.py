@@ -3,6 +3,10 @@
 Backends see compacted inputs only: hidden [n, D] and weight [V, D] contiguous, of one dtype; bias [V] or
 None; targets [n] int64, all in [0, V). They return fp32 (fp64 for fp64 inputs) logp and lse [n], and
 gradients in the dtypes of their inputs (None for a gradient not asked for).
+
+With ``with_basis`` the forward also returns the gradient basis Q = (softmax(x) * slope) @ W [n, D]
+(fp32; slope = the softcap derivative 1 - (x/cap)^2, or 1), from which the dHidden of a frozen head is
+elementwise: dH = (g * slope_t * W[t] + (g_lse - g) * Q) / temperature.
 """
 from __future__ import annotations
 
@@ -36,9 +40,9 @@ class GradsNeeded:
 class Backend(Protocol):
     name: str
 
-    def forward(self, hidden, weight, bias, targets, transform: LogitTransform,
-                chunk_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> (logp [n], lse [n])."""
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, chunk_size: Optional[int],
+                with_basis: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """-> (logp [n], lse [n], basis [n, D] or None)."""
 
     def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
                  chunk_size: Optional[int], needed: GradsNeeded) -> Grads:

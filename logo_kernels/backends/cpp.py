@@ -15,7 +15,8 @@ from .base import GradsNeeded, Grads, LogitTransform
 DEFAULT_BLOCK_TOKENS = 256
 #: Vocabulary rows per tile GEMM.
 DEFAULT_BLOCK_VOCAB = 512
-#: Budget of the per-thread fp32 dHidden accumulators of the backward, in bytes.
+#: Budget of the per-thread fp32 [tokens, D] accumulators (dHidden in the backward, the gradient basis in
+#: the forward), in bytes.
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
 _LOAD_ERROR: Optional[str] = None
@@ -36,9 +37,11 @@ def unavailable_reason() -> Optional[str]:
 if is_available():
 
     @torch.library.register_fake("logo_kernels::linear_logprobs_fwd")
-    def _fwd_fake(hidden, weight, bias, targets, inv_temperature, softcap, block_tokens, block_vocab):
+    def _fwd_fake(hidden, weight, bias, targets, inv_temperature, softcap, block_tokens, block_vocab, with_basis,
+                  workspace_bytes):
         n = hidden.shape[0]
-        return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+        basis = hidden.new_empty((n, hidden.shape[1]) if with_basis else (0,), dtype=torch.float32)
+        return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32), basis
 
     @torch.library.register_fake("logo_kernels::linear_logprobs_bwd")
     def _bwd_fake(grad_logp, grad_lse, hidden, weight, bias, targets, lse, inv_temperature, softcap,
@@ -61,12 +64,13 @@ class CppBackend:
         self.block_vocab = block_vocab
         self.workspace_bytes = workspace_bytes
 
-    def forward(self, hidden, weight, bias, targets, transform: LogitTransform,
-                chunk_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.logo_kernels.linear_logprobs_fwd(
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, chunk_size: Optional[int],
+                with_basis: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        logp, lse, basis = torch.ops.logo_kernels.linear_logprobs_fwd(
             hidden, weight, bias, targets, 1.0 / transform.temperature, _softcap_arg(transform),
-            chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab,
+            chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab, with_basis, self.workspace_bytes,
         )
+        return logp, lse, basis if with_basis else None
 
     def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
                  chunk_size: Optional[int], needed: GradsNeeded) -> Grads:

@@ -44,21 +44,27 @@ def _chunk_logits(hidden_chunk, weight_acc, bias_acc, transform: LogitTransform)
 class TorchChunkedBackend:
     name = "torch"
 
-    def forward(self, hidden, weight, bias, targets, transform: LogitTransform,
-                chunk_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, chunk_size: Optional[int],
+                with_basis: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = _accumulation_dtype(hidden.dtype)
         weight_acc = weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
+        basis = torch.empty(n, hidden.shape[1], dtype=acc, device=hidden.device) if with_basis else None
         chunk = chunk_size or default_chunk_size(n, vocab)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             logits = _chunk_logits(hidden[start:end], weight_acc, bias_acc, transform)
             lse[start:end] = torch.logsumexp(logits, dim=1)
             logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
-        return logp, lse
+            if basis is not None:  # Q = (softmax * softcap slope) @ W
+                probs = torch.exp(logits - lse[start:end, None])
+                if transform.softcap is not None:
+                    probs *= 1.0 - (logits / transform.softcap).square_()
+                basis[start:end] = probs @ weight_acc
+        return logp, lse, basis
 
     def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
                  chunk_size: Optional[int], needed: GradsNeeded) -> Grads:

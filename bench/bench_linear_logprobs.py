@@ -13,7 +13,7 @@ A plain fp32 GEMM [N, D] x [D, V] is timed in the same run to report the GEMM ef
 (8·N·V·D FLOPs for fwd + bwd with recomputation).
 
     python bench/bench_linear_logprobs.py                 # full sweep (long)
-    python bench/bench_linear_logprobs.py --quick         # N in {1024, 4096}, V = 32000
+    python bench/bench_linear_logprobs.py --quick         # N in {1024, 4096}, V = 32000, both heads
     python bench/bench_linear_logprobs.py --ns 4096 --vocabs 32000 --methods naive ours_cpp
 """
 from __future__ import annotations
@@ -32,13 +32,15 @@ FULL_VOCABS = [32000, 128256]
 _LOGITS_COPIES = {"naive": 4, "torch_lce": 0.5, "cce": 2, "trl": 0.5}
 
 
-def build_step(method: str, n: int, vocab: int, dim: int, seed: int = 0):
-    """Returns a zero-argument fwd+bwd step for ``method`` on fixed random inputs (fp32)."""
+def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable", seed: int = 0):
+    """Returns a zero-argument fwd+bwd step for ``method`` on fixed random inputs (fp32).
+
+    ``head="frozen"`` leaves the weight without gradient (the LoRA case): only dHidden is computed."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, dim, generator=g).requires_grad_()
-    weight = (torch.randn(vocab, dim, generator=g) * dim**-0.5).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=g) * dim**-0.5).requires_grad_(head == "trainable")
     targets = torch.randint(0, vocab, (n,), generator=g)
     upstream = torch.randn(n, generator=g)
 
@@ -85,7 +87,7 @@ def build_step(method: str, n: int, vocab: int, dim: int, seed: int = 0):
 def measure(case: dict) -> dict:
     import torch
     torch.set_num_threads(case["threads"])
-    step = build_step(case["method"], case["n"], case["vocab"], case["dim"])
+    step = build_step(case["method"], case["n"], case["vocab"], case["dim"], case.get("head", "trainable"))
     return harness.time_runs(step, repeats=case["repeats"], warmup=1)
 
 
@@ -112,21 +114,21 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if not r.get("error") and r["method"] != "gemm"]
-    vocabs = sorted({int(r["vocab"]) for r in ok})
-    if not vocabs:
+    panels = sorted({(r.get("head", "trainable"), int(r["vocab"])) for r in ok}, key=lambda p: (p[0] != "trainable", p[1]))
+    if not panels:
         return
-    fig, axes = plt.subplots(2, len(vocabs), figsize=(6 * len(vocabs), 8), squeeze=False)
-    for col, vocab in enumerate(vocabs):
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
+    for col, (head, vocab) in enumerate(panels):
         for method in METHODS:
-            pts = sorted((int(r["n"]), float(r["median_s"]), float(r["peak_extra_mib"]))
-                         for r in ok if r["method"] == method and int(r["vocab"]) == vocab)
+            pts = sorted((int(r["n"]), float(r["median_s"]), float(r["peak_extra_mib"])) for r in ok
+                         if r["method"] == method and int(r["vocab"]) == vocab and r.get("head", "trainable") == head)
             if not pts:
                 continue
             ns, secs, mib = zip(*pts)
             axes[0][col].plot(ns, secs, marker="o", label=method)
             axes[1][col].plot(ns, mib, marker="o", label=method)
-        axes[0][col].set_title(f"fwd+bwd time, V={vocab}, D={ok[0]['dim']}, fp32")
-        axes[1][col].set_title(f"peak RSS over baseline, V={vocab}")
+        axes[0][col].set_title(f"fwd+bwd time, {head} head, V={vocab}, D={ok[0]['dim']}, fp32")
+        axes[1][col].set_title(f"peak RSS over baseline, {head} head, V={vocab}")
         axes[0][col].set_ylabel("seconds (median)")
         axes[1][col].set_ylabel("MiB")
         for ax in (axes[0][col], axes[1][col]):
@@ -144,27 +146,30 @@ def main(argv=None) -> None:
     parser.add_argument("--vocabs", type=int, nargs="+", default=FULL_VOCABS)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--heads", nargs="+", default=["trainable"], choices=["trainable", "frozen"],
+                        help="LM head trainable (dW computed) and/or frozen (LoRA: only dHidden)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--quick", action="store_true", help="N in {1024, 4096}, V = 32000")
+    parser.add_argument("--quick", action="store_true", help="N in {1024, 4096}, V = 32000, both heads")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "linear_logprobs"),
                         help="output prefix: writes PREFIX.csv and PREFIX.png")
     args = parser.parse_args(argv)
     if args.quick:
-        args.ns, args.vocabs = [1024, 4096], [32000]
+        args.ns, args.vocabs, args.heads = [1024, 4096], [32000], ["trainable", "frozen"]
 
     cases = []
-    for vocab in args.vocabs:
-        for n in args.ns:
-            # Methods interleaved per shape (timing noise here is ~30% between runs far apart).
-            for method in ["gemm"] + args.methods:
-                case = dict(method=method, n=n, vocab=vocab, dim=args.dim, threads=args.threads,
-                            repeats=args.repeats)
-                reason = skip_reason(method, n, vocab)
-                if reason:
-                    case["skip"] = reason
-                cases.append(case)
+    for head in args.heads:
+        for vocab in args.vocabs:
+            for n in args.ns:
+                # Methods interleaved per shape (timing noise here is ~30% between runs far apart).
+                for method in ["gemm"] + args.methods:
+                    case = dict(method=method, head=head, n=n, vocab=vocab, dim=args.dim, threads=args.threads,
+                                repeats=args.repeats)
+                    reason = skip_reason(method, n, vocab)
+                    if reason:
+                        case["skip"] = reason
+                    cases.append(case)
     rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout)
     add_ratios(rows)
     harness.write_csv(rows, args.out + ".csv")
@@ -177,15 +182,16 @@ def add_ratios(rows: list[dict]) -> None:
     by_shape = {}
     for r in rows:
         if not r.get("error"):
-            by_shape.setdefault((r["n"], r["vocab"], r["dim"]), {})[r["method"]] = r
-    for (n, vocab, dim), methods in by_shape.items():
+            by_shape.setdefault((r.get("head", "trainable"), r["n"], r["vocab"], r["dim"]), {})[r["method"]] = r
+    for (head, n, vocab, dim), methods in by_shape.items():
         naive, gemm = methods.get("naive"), methods.get("gemm")
         if gemm:
             gemm["gflops"] = round(2 * n * vocab * dim / gemm["median_s"] / 1e9, 1)
         for method, r in methods.items():
             if method == "gemm":
                 continue
-            r["gflops"] = round(8 * n * vocab * dim / r["median_s"] / 1e9, 1)
+            flops = (8 if head == "trainable" else 4) * n * vocab * dim  # frozen: logits + one more GEMM
+            r["gflops"] = round(flops / r["median_s"] / 1e9, 1)
             if gemm:
                 r["gemm_efficiency"] = round(r["gflops"] / gemm["gflops"], 3)
             if naive:

@@ -40,7 +40,7 @@ def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable
 
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, dim, generator=g).requires_grad_()
-    weight = (torch.randn(vocab, dim, generator=g) * dim**-0.5).requires_grad_(head == "trainable")
+    weight = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5).requires_grad_(head == "trainable")
     targets = torch.randint(0, vocab, (n,), generator=g)
     upstream = torch.randn(n, generator=g)
 

@@ -13,13 +13,13 @@ from ._validation import check_linear_inputs, check_target_range, check_transfor
 from .backends import Backend, GradsNeeded, LogitTransform, resolve_backend
 
 
-def _grad_hidden_from_basis(grad_logp, grad_lse, weight, targets, logp, lse, basis,
+def _grad_hidden_from_basis(grad_logp, grad_lse, target_rows, logp, lse, basis,
                             transform: LogitTransform) -> torch.Tensor:
     """dHidden of a frozen head without a GEMM: (g * slope_t * W[t] + (g_lse - g) * Q) / temperature.
 
     From dL/dx = g * onehot + (g_lse - g) * softmax, times the softcap slope, over the temperature, and
-    dH = dL/dx @ W, with Q = (softmax * slope) @ W computed by the forward. slope_t is the softcap slope
-    at the target logit x_t = logp + lse (1 without softcap).
+    dH = dL/dx @ W, with Q = (softmax * slope) @ W computed by the forward and target_rows = W[t] saved by
+    it. slope_t is the softcap slope at the target logit x_t = logp + lse (1 without softcap).
     """
     acc = basis.dtype
     g = grad_logp.to(acc)
@@ -27,7 +27,7 @@ def _grad_hidden_from_basis(grad_logp, grad_lse, weight, targets, logp, lse, bas
     coef_target = g
     if transform.softcap is not None:
         coef_target = g * (1.0 - ((logp + lse) / transform.softcap).square())
-    d_h = torch.addcmul(coef_basis[:, None] * basis, coef_target[:, None], weight.index_select(0, targets).to(acc))
+    d_h = torch.addcmul(coef_basis[:, None] * basis, coef_target[:, None], target_rows.to(acc))
     return d_h / transform.temperature if transform.temperature != 1.0 else d_h
 
 
@@ -36,8 +36,9 @@ class _LinearLogprobs(torch.autograd.Function):
 
     Rows whose target is ``ignore_index`` are compacted away before the backend runs and get 0 in both
     outputs; their gradients are 0. When only ``hidden`` needs a gradient (a frozen LM head, as under
-    LoRA) the forward also computes the gradient basis Q [n, D] fp32, so that the backward is elementwise:
-    two GEMMs' worth of work in all instead of three, for n*D*4 bytes kept until the backward.
+    LoRA) the forward also computes the gradient basis Q [n, D] fp32 and keeps the target rows W[t], so
+    that the backward is elementwise and never reads the weight (which may be re-partitioned by then, as
+    under ZeRO-3): two GEMMs' worth of work in all instead of three, for ~n*D*6 bytes kept until then.
     """
 
     @staticmethod
@@ -59,7 +60,11 @@ class _LinearLogprobs(torch.autograd.Function):
         else:  # the saved tensors are never handed out: in-place edits of outputs cannot corrupt them
             logp, lse = logp_kept.clone(), lse_kept.clone()
 
-        ctx.save_for_backward(hidden, weight, bias, t, kept, logp_kept, lse_kept, basis)
+        if frozen_head:  # the backward needs W[t], not W
+            ctx.save_for_backward(hidden, None, None, t, kept, logp_kept, lse_kept, basis, weight.index_select(0, t))
+        else:
+            ctx.save_for_backward(hidden, weight, bias, t, kept, logp_kept, lse_kept, None, None)
+        ctx.has_bias = bias is not None
         ctx.compact = compact
         ctx.transform, ctx.backend, ctx.chunk_size = transform, backend, chunk_size
         ctx.set_materialize_grads(False)
@@ -67,13 +72,12 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_lse):
-        hidden, weight, bias, t, kept, logp_kept, lse_kept, basis = ctx.saved_tensors
+        hidden, weight, bias, t, kept, logp_kept, lse_kept, basis, target_rows = ctx.saved_tensors
         needed = GradsNeeded(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                             bias is not None and ctx.needs_input_grad[2])
+                             ctx.has_bias and ctx.needs_input_grad[2])
         if not needed.any or (grad_logp is None and grad_lse is None):
             zeros = lambda x, want: torch.zeros_like(x) if want else None  # noqa: E731
-            return (zeros(hidden, needed.hidden), zeros(weight, needed.weight),
-                    zeros(bias, needed.bias) if bias is not None else None) + (None,) * 5
+            return (zeros(hidden, needed.hidden), zeros(weight, needed.weight), zeros(bias, needed.bias)) + (None,) * 5
         if grad_logp is None:
             grad_logp = torch.zeros_like(grad_lse)
 
@@ -82,7 +86,7 @@ class _LinearLogprobs(torch.autograd.Function):
         g_lse = None if grad_lse is None else select(grad_lse).contiguous()
 
         if basis is not None:  # frozen head: elementwise, no recomputation
-            d_h, d_w, d_b = _grad_hidden_from_basis(g_logp, g_lse, weight, t, logp_kept, lse_kept, basis,
+            d_h, d_w, d_b = _grad_hidden_from_basis(g_logp, g_lse, target_rows, logp_kept, lse_kept, basis,
                                                     ctx.transform).to(hidden.dtype), None, None
         else:
             d_h, d_w, d_b = ctx.backend.backward(

@@ -1,5 +1,6 @@
 """Deterministic memory bounds: the fused op never holds an [N, V] logits tensor."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -41,30 +42,32 @@ def test_no_allocation_of_n_times_v_elements(backend):
 
 
 _RSS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[4])
+    import harness
     import logo_kernels as lk
     n, vocab, dim = map(int, sys.argv[1:4])
     torch.manual_seed(0)
     hidden = torch.randn(n, dim, requires_grad=True)
-    weight = (torch.randn(vocab, dim) * 0.1).requires_grad_()
+    weight = torch.randn(vocab, dim).mul_(0.1).requires_grad_()
     targets = torch.randint(0, vocab, (n,))
     grad = torch.randn(n)
     # warm up (thread pools, MKL buffers) at a small size, then measure the peak over the baseline
     lk.linear_logprobs(hidden[:64], weight[:1000], targets[:64] % 1000, backend="cpp").sum().backward()
     hidden.grad = weight.grad = None
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    logp = lk.linear_logprobs(hidden, weight, targets, backend="cpp")
-    (logp * grad).sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"extra_bytes": (peak - base) * 1024}))
+    def step():
+        (lk.linear_logprobs(hidden, weight, targets, backend="cpp") * grad).sum().backward()
+    result = harness.time_runs(step, repeats=1, warmup=0)
+    print(json.dumps({"extra_bytes": result["peak_extra_mib"] * 2**20}))
 """)
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 def test_cpp_peak_memory_is_a_small_fraction_of_the_logits():
     if "cpp" not in lk.available_backends():
         pytest.skip("C++ extension not built")
     n, vocab, dim = 8192, 32768, 64
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(n), str(vocab), str(dim)], check=True,
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(n), str(vocab), str(dim), BENCH_DIR], check=True,
                          capture_output=True, text=True)
     extra = json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
     logits_bytes = n * vocab * 4  # what one fp32 logits tensor would take (1 GiB); naive holds several

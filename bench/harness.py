@@ -150,3 +150,59 @@ def save_figure(fig, path: str) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     os.replace(tmp, path)
+
+
+def add_relative(rows: List[dict], group_keys: Iterable[str], baseline: str = "naive",
+                 series: str = "method") -> None:
+    """Adds ``time_vs_<baseline>`` and ``memory_vs_<baseline>`` to measured rows, per group of rows that
+    share ``group_keys`` (e.g. one shape)."""
+    group_keys = tuple(group_keys)
+    groups: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        if not r.get("error"):
+            groups.setdefault(tuple(r.get(k) for k in group_keys), {})[r[series]] = r
+    for members in groups.values():
+        base = members.get(baseline)
+        if base is None:
+            continue
+        for r in members.values():
+            r[f"time_vs_{baseline}"] = round(float(r["median_s"]) / float(base["median_s"]), 3)
+            r[f"memory_vs_{baseline}"] = round(float(r["peak_extra_mib"]) / max(float(base["peak_extra_mib"]), 1e-9), 3)
+
+
+def plot_sweep(rows: List[dict], path: str, *, x: str, panel_keys: Iterable[str], series: str = "method",
+               series_order: Optional[List[str]] = None, title: str = "") -> None:
+    """Two rows of log-log panels (median time, peak RSS) vs ``x``, one column per distinct value of
+    ``panel_keys``, one line per ``series`` value; skipped / failed rows are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panel_keys = tuple(panel_keys)
+    ok = [r for r in rows if not r.get("error")]
+    panels = sorted({tuple(str(r.get(k)) for k in panel_keys) for r in ok})
+    if not panels:
+        return
+    names = series_order or sorted({r[series] for r in ok})
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
+    for col, panel in enumerate(panels):
+        label = ", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel))
+        for name in names:
+            pts = sorted((float(r[x]), float(r["median_s"]), max(float(r["peak_extra_mib"]), 0.1)) for r in ok
+                         if r[series] == name and tuple(str(r.get(k)) for k in panel_keys) == panel)
+            if pts:
+                xs, secs, mib = zip(*pts)
+                axes[0][col].plot(xs, secs, marker="o", label=name)
+                axes[1][col].plot(xs, mib, marker="o", label=name)
+        axes[0][col].set_title(f"{title} time\n{label}", fontsize=9)
+        axes[1][col].set_title(f"{title} peak RSS over baseline\n{label}", fontsize=9)
+        axes[0][col].set_ylabel("seconds (median)")
+        axes[1][col].set_ylabel("MiB")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(x)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)

@@ -1,0 +1,137 @@
+"""LOGO loss (one chosen : M rejected, SFT term) from hidden states of T response tokens, fwd + bwd.
+
+Methods (each case in its own process, median of ``--repeats`` after a warm-up, fp32, D = ``--dim``):
+  naive        what the authors' code does: full [T, V] logits, upcast, log_softmax, gather, per-sequence
+               means, the LOGO formula (bugs L1-L3 fixed)
+  ours         logo_kernels.logo_loss (fused log-probs: no [T, V] tensor)
+  liger_simpo  Liger-Kernel's chunked LigerFusedLinearSimPOLoss (1 : 1 only, so M = 1 cases only)
+Responses are 512 tokens (fewer if T is small): B = max(1, T / (512 * (M + 1))) examples.
+
+    python bench/bench_loss.py --quick      # T in {1024, 4096}, V = 32000, M in {1, 2}
+    python bench/bench_loss.py              # T in 1K..32K, V in {32000, 128256}, M in {1, 2, 3}
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+METHODS = ["naive", "ours", "liger_simpo"]
+BETA, GAMMA, SFT_WEIGHT = 10.0, 3.0, 0.1
+
+
+def layout(tokens: int, negatives: int, response: int = 512):
+    """(examples B, tokens per response) for about ``tokens`` response tokens in all."""
+    per_example = tokens // (negatives + 1)
+    batch = max(1, per_example // response)
+    return batch, max(1, per_example // batch)
+
+
+def build_step(method: str, tokens: int, vocab: int, dim: int, negatives: int, seed: int = 0):
+    import torch
+    import torch.nn.functional as F
+
+    batch, length = layout(tokens, negatives)
+    sequences = batch * (negatives + 1)
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(sequences * length, dim, generator=g).requires_grad_()
+    weight = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (sequences * length,), generator=g)
+    cu_seqlens = torch.arange(0, sequences + 1) * length
+
+    if method == "ours":
+        import logo_kernels as lk
+
+        def loss():
+            return lk.logo_loss(hidden, weight, targets, cu_seqlens, num_negatives=negatives, beta=BETA,
+                                gamma=GAMMA, sft_weight=SFT_WEIGHT).loss
+    elif method == "naive":
+        def loss():
+            logits = (hidden @ weight.T).float()
+            token_logps = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+            means = token_logps.view(sequences, length).mean(1).view(batch, negatives + 1)
+            z = BETA * (means[:, 0] - means[:, 1:].mean(1)) - GAMMA
+            return (-F.logsigmoid(z) - SFT_WEIGHT * means[:, 0]).mean()
+    elif method == "liger_simpo":
+        from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+        # Liger wants [2B, L, D] with all chosen rows first; the row order does not change the cost.
+        module = LigerFusedLinearSimPOLoss(beta=BETA, gamma=GAMMA, alpha=SFT_WEIGHT)  # gamma: absolute margin
+        inputs, labels = hidden.view(sequences, length, dim), targets.view(sequences, length)
+
+        def loss():
+            out = module(weight, inputs, labels)
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss().backward()
+    return step
+
+
+def measure(case: dict) -> dict:
+    import torch
+    torch.set_num_threads(case["threads"])
+    step = build_step(case["method"], case["tokens"], case["vocab"], case["dim"], case["negatives"])
+    return harness.time_runs(step, repeats=case["repeats"], warmup=1)
+
+
+def skip_reason(method: str, tokens: int, vocab: int, negatives: int) -> str | None:
+    if method == "liger_simpo":
+        import importlib.util
+        if negatives != 1:
+            return "Liger's SimPO is 1 : 1 (M = 1 only)"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel not installed"
+    copies = {"naive": 4, "liger_simpo": 1}.get(method, 0)
+    need, available = copies * tokens * vocab * 4, harness.available_memory_bytes()
+    if available is not None and need > 0.8 * available:
+        return f"does not fit: needs ~{need / 2**30:.0f} GiB, {available / 2**30:.0f} GiB available"
+    return None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--negatives", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--quick", action="store_true", help="T in {1024, 4096}, V = 32000, M in {1, 2}")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "loss"),
+                        help="output prefix: writes PREFIX.csv and PREFIX.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.vocabs, args.negatives = [1024, 4096], [32000], [1, 2]
+
+    cases = []
+    for vocab in args.vocabs:
+        for negatives in args.negatives:
+            for tokens in args.tokens:
+                for method in args.methods:  # interleaved per shape: timing noise drifts over minutes
+                    case = dict(method=method, tokens=tokens, vocab=vocab, negatives=negatives, dim=args.dim,
+                                threads=args.threads, repeats=args.repeats)
+                    reason = skip_reason(method, tokens, vocab, negatives)
+                    if reason:
+                        case["skip"] = reason
+                    cases.append(case)
+    rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout)
+    harness.add_relative(rows, ("tokens", "vocab", "negatives", "dim"))
+    harness.write_csv(rows, args.out + ".csv")
+    harness.plot_sweep(rows, args.out + ".png", x="tokens", panel_keys=("vocab", "negatives"),
+                       series_order=METHODS, title="LOGO loss fwd+bwd")
+    print(f"wrote {args.out}.csv and {args.out}.png")
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        harness.worker_main(measure)
+    else:
+        main()

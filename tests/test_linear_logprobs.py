@@ -276,6 +276,24 @@ def test_torch_compile_sees_the_op(backend):
     torch.testing.assert_close(compiled(hidden, weight, targets, b), eager)
 
 
+def test_without_the_extension_auto_falls_back_to_torch_with_one_warning():
+    import subprocess
+    import sys
+    script = (
+        "import sys, warnings, torch\n"
+        "sys.modules['logo_kernels._C'] = None  # as if it had not been built\n"
+        "import logo_kernels as lk\n"
+        "assert lk.available_backends() == ['auto', 'torch'], lk.available_backends()\n"
+        "h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    lk.linear_logprobs(h, w, t); lk.linear_logprobs(h, w, t)\n"
+        "print(len(caught), caught[0].message)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert out.startswith("1 ") and "C++ extension not available, using the slower torch backend" in out
+
+
 def test_cpp_extension_is_built():
     """CI builds the extension; the fallback is only allowed when it was skipped on purpose."""
     if os.environ.get("LOGO_KERNELS_NO_EXT") == "1":

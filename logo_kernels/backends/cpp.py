@@ -5,6 +5,7 @@ registered here so torch.compile can trace through the ops without running them.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional, Tuple
 
 import torch
@@ -23,7 +24,10 @@ _LOAD_ERROR: Optional[str] = None
 try:
     from logo_kernels import _C  # noqa: F401  (registers torch.ops.logo_kernels.*)
 except ImportError as exc:  # extension not built: the dispatcher falls back to the torch backend
-    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    if importlib.util.find_spec("logo_kernels._C") is None:
+        _LOAD_ERROR = "logo_kernels._C was not built at install time (no C++ compiler, or LOGO_KERNELS_NO_EXT=1)"
+    else:
+        _LOAD_ERROR = f"logo_kernels._C failed to load: {type(exc).__name__}: {exc}"
 
 
 def is_available() -> bool:

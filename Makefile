@@ -32,6 +32,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_linear_logprobs.py --quick
+	$(PY) bench/bench_loss.py --quick
 
 clean:
 	rm -rf build *.egg-info logo_kernels/*.so .pytest_cache

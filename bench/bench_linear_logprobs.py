@@ -1,6 +1,7 @@
 """Per-token log-probs from hidden states, fwd + bwd with a random per-token upstream gradient.
 
-Methods (each measured in its own process, median of ``--repeats`` runs after a warm-up):
+Methods (one process per method and round; per shape, ``--rounds`` rounds over the methods so that drift
+hits them alike; median of the pooled timed runs, each after a warm-up in its process):
   naive        log_softmax(hidden @ W.T).gather(targets)         (materialises [N, V] logits)
   torch_lce    torch 2.13 F.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
   ours_torch   logo_kernels.linear_logprobs(backend="torch")     (chunked torch reference)
@@ -108,38 +109,6 @@ def skip_reason(method: str, n: int, vocab: int) -> str | None:
     return None
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if not r.get("error") and r["method"] != "gemm"]
-    panels = sorted({(r.get("head", "trainable"), int(r["vocab"])) for r in ok}, key=lambda p: (p[0] != "trainable", p[1]))
-    if not panels:
-        return
-    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
-    for col, (head, vocab) in enumerate(panels):
-        for method in METHODS:
-            pts = sorted((int(r["n"]), float(r["median_s"]), float(r["peak_extra_mib"])) for r in ok
-                         if r["method"] == method and int(r["vocab"]) == vocab and r.get("head", "trainable") == head)
-            if not pts:
-                continue
-            ns, secs, mib = zip(*pts)
-            axes[0][col].plot(ns, secs, marker="o", label=method)
-            axes[1][col].plot(ns, mib, marker="o", label=method)
-        axes[0][col].set_title(f"fwd+bwd time, {head} head, V={vocab}, D={ok[0]['dim']}, fp32")
-        axes[1][col].set_title(f"peak RSS over baseline, {head} head, V={vocab}")
-        axes[0][col].set_ylabel("seconds (median)")
-        axes[1][col].set_ylabel("MiB")
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens N")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
-    harness.save_figure(fig, path)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ns", type=int, nargs="+", default=FULL_NS)
@@ -148,7 +117,9 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--heads", nargs="+", default=["trainable"], choices=["trainable", "frozen"],
                         help="LM head trainable (dW computed) and/or frozen (LoRA: only dHidden)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over the methods of a shape (one process per method per round)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="N in {1024, 4096}, V = 32000, both heads")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
@@ -170,33 +141,31 @@ def main(argv=None) -> None:
                     if reason:
                         case["skip"] = reason
                     cases.append(case)
-    rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout)
+    rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout,
+                              rounds=args.rounds)
     add_ratios(rows)
     harness.write_csv(rows, args.out + ".csv")
-    plot(rows, args.out + ".png")
+    harness.plot_sweep([r for r in rows if r["method"] != "gemm"], args.out + ".png", x="n",
+                       panel_keys=("head", "vocab"), series_order=METHODS, title="fwd+bwd, fp32")
     print(f"wrote {args.out}.csv and {args.out}.png")
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Adds time / memory relative to naive and GEMM efficiency to each measured row."""
-    by_shape = {}
+    """Adds time / memory relative to naive, FLOP/s and GEMM efficiency to each measured row."""
+    harness.add_relative(rows, ("head", "n", "vocab", "dim"))
+    gemm = {(r["n"], r["vocab"], r["dim"]): r for r in rows if r["method"] == "gemm" and not r.get("error")}
     for r in rows:
-        if not r.get("error"):
-            by_shape.setdefault((r.get("head", "trainable"), r["n"], r["vocab"], r["dim"]), {})[r["method"]] = r
-    for (head, n, vocab, dim), methods in by_shape.items():
-        naive, gemm = methods.get("naive"), methods.get("gemm")
-        if gemm:
-            gemm["gflops"] = round(2 * n * vocab * dim / gemm["median_s"] / 1e9, 1)
-        for method, r in methods.items():
-            if method == "gemm":
-                continue
-            flops = (8 if head == "trainable" else 4) * n * vocab * dim  # frozen: logits + one more GEMM
-            r["gflops"] = round(flops / r["median_s"] / 1e9, 1)
-            if gemm:
-                r["gemm_efficiency"] = round(r["gflops"] / gemm["gflops"], 3)
-            if naive:
-                r["time_vs_naive"] = round(r["median_s"] / naive["median_s"], 3)
-                r["memory_vs_naive"] = round(r["peak_extra_mib"] / max(naive["peak_extra_mib"], 1e-9), 3)
+        if r.get("error"):
+            continue
+        base = gemm.get((r["n"], r["vocab"], r["dim"]))
+        plain = 2 * r["n"] * r["vocab"] * r["dim"]
+        if r["method"] == "gemm":
+            r["gflops"] = round(plain / r["median_s"] / 1e9, 1)
+            continue
+        flops = plain * (4 if r["head"] == "trainable" else 2)  # GEMMs of the fused fwd + bwd
+        r["gflops"] = round(flops / r["median_s"] / 1e9, 1)
+        if base:
+            r["gemm_efficiency"] = round(r["gflops"] / (plain / base["median_s"] / 1e9), 3)
 
 
 if __name__ == "__main__":

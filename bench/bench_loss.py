@@ -1,6 +1,7 @@
 """LOGO loss (one chosen : M rejected, SFT term) from hidden states of T response tokens, fwd + bwd.
 
-Methods (each case in its own process, median of ``--repeats`` after a warm-up, fp32, D = ``--dim``):
+Methods (fp32, D = ``--dim``; one process per method and round, ``--rounds`` rounds over the methods of a
+shape, median of the pooled timed runs, each after a warm-up in its process):
   naive        what the authors' code does: full [T, V] logits, upcast, log_softmax, gather, per-sequence
                means, the LOGO formula (bugs L1-L3 fixed)
   ours         logo_kernels.logo_loss (fused log-probs: no [T, V] tensor)
@@ -101,7 +102,9 @@ def main(argv=None) -> None:
     parser.add_argument("--negatives", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over the methods of a shape (one process per method per round)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="T in {1024, 4096}, V = 32000, M in {1, 2}")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
@@ -122,7 +125,8 @@ def main(argv=None) -> None:
                     if reason:
                         case["skip"] = reason
                     cases.append(case)
-    rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout)
+    rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout,
+                              rounds=args.rounds)
     harness.add_relative(rows, ("tokens", "vocab", "negatives", "dim"))
     harness.write_csv(rows, args.out + ".csv")
     harness.plot_sweep(rows, args.out + ".png", x="tokens", panel_keys=("vocab", "negatives"),

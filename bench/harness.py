@@ -70,6 +70,7 @@ def time_runs(step: Callable[[], None], repeats: int, warmup: int = 1) -> Dict[s
         "min_s": min(times),
         "max_s": max(times),
         "repeats": repeats,
+        "times": times,
         "peak_extra_mib": (peak_rss_bytes() - baseline) / 2**20,
     }
 
@@ -95,23 +96,56 @@ def run_case(script: str, case: dict, timeout_s: float) -> dict:
     return {**case, **json.loads(lines[-1][len("RESULT "):])}
 
 
-def run_cases(script: str, cases: Iterable[dict], csv_path: str, timeout_s: float = 1800,
-              log: Callable[[str], None] = print) -> List[dict]:
-    """Runs every case in its own process, appending each row to ``csv_path`` (atomically rewritten)."""
-    rows: List[dict] = []
+def _groups(cases: List[dict], series: str) -> List[List[dict]]:
+    """Consecutive cases that differ only in ``series`` (e.g. the methods of one shape)."""
+    groups: List[List[dict]] = []
+    key = lambda c: {k: v for k, v in c.items() if k not in (series, "skip")}  # noqa: E731
     for case in cases:
-        if case.get("skip"):
-            row = {**case, "error": case["skip"]}
+        if groups and key(groups[-1][0]) == key(case):
+            groups[-1].append(case)
         else:
-            row = run_case(script, case, timeout_s)
-        rows.append(row)
-        write_csv(rows, csv_path)
-        log(format_row(row))
+            groups.append([case])
+    return groups
+
+
+def _pool(case: dict, results: List[dict]) -> dict:
+    """One row from a case's per-round results: times pooled, peak memory the largest seen."""
+    errors = [r["error"] for r in results if "error" in r]
+    if errors or not results:
+        return {**case, "error": errors[0] if errors else case.get("skip", "not run")}
+    times = [t for r in results for t in r["times"]]
+    return {**case, "rounds": len(results), "runs": len(times), "median_s": statistics.median(times),
+            "min_s": min(times), "max_s": max(times), "peak_extra_mib": max(r["peak_extra_mib"] for r in results)}
+
+
+def run_cases(script: str, cases: Iterable[dict], csv_path: str, timeout_s: float = 1800, rounds: int = 1,
+              series: str = "method", log: Callable[[str], None] = print) -> List[dict]:
+    """Runs every case in fresh processes and writes one row per case to ``csv_path`` (atomically).
+
+    Cases that differ only in ``series`` form a group; each of ``rounds`` rounds runs every case of the
+    group once, one process each, so that machine drift over minutes (~30% here) hits every method
+    alike; a case's timed runs are pooled over the rounds (median, min, max).
+    """
+    rows: List[dict] = []
+    for group in _groups(list(cases), series):
+        results: List[List[dict]] = [[] for _ in group]
+        for _ in range(rounds):
+            for i, case in enumerate(group):
+                if case.get("skip") or any("error" in r for r in results[i]):
+                    continue
+                results[i].append(run_case(script, case, timeout_s))
+        for case, case_results in zip(group, results):
+            row = _pool(case, case_results)
+            row.pop("skip", None)
+            rows.append(row)
+            write_csv(rows, csv_path)
+            log(format_row(row))
     return rows
 
 
 def format_row(row: dict) -> str:
-    keys = [k for k in row if k not in ("median_s", "min_s", "max_s", "peak_extra_mib", "error", "skip")]
+    keys = [k for k in row if k not in ("median_s", "min_s", "max_s", "peak_extra_mib", "error", "skip", "rounds",
+                                        "runs", "repeats", "threads")]
     head = " ".join(f"{k}={row[k]}" for k in keys)
     if "error" in row:
         return f"{head}: skipped ({row['error']})"

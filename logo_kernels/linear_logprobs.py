@@ -37,8 +37,8 @@ class _LinearLogprobs(torch.autograd.Function):
     Rows whose target is ``ignore_index`` are compacted away before the backend runs and get 0 in both
     outputs; their gradients are 0. When only ``hidden`` needs a gradient (a frozen LM head, as under
     LoRA) the forward also computes the gradient basis Q [n, D] fp32 and keeps the target rows W[t], so
-    that the backward is elementwise and never reads the weight (which may be re-partitioned by then, as
-    under ZeRO-3): two GEMMs' worth of work in all instead of three, for ~n*D*6 bytes kept until then.
+    that the backward is elementwise and reads neither the weight (which may be re-partitioned by then, as
+    under ZeRO-3) nor hidden: two GEMMs' worth of work in all instead of three, for ~n*D*6 bytes kept.
     """
 
     @staticmethod
@@ -60,10 +60,11 @@ class _LinearLogprobs(torch.autograd.Function):
         else:  # the saved tensors are never handed out: in-place edits of outputs cannot corrupt them
             logp, lse = logp_kept.clone(), lse_kept.clone()
 
-        if frozen_head:  # the backward needs W[t], not W
-            ctx.save_for_backward(hidden, None, None, t, kept, logp_kept, lse_kept, basis, weight.index_select(0, t))
+        if frozen_head:  # the backward needs Q and W[t]: neither W nor hidden is kept
+            ctx.save_for_backward(None, None, None, t, kept, logp_kept, lse_kept, basis, weight.index_select(0, t))
         else:
             ctx.save_for_backward(hidden, weight, bias, t, kept, logp_kept, lse_kept, None, None)
+        ctx.hidden_meta = (hidden.shape, hidden.dtype, hidden.device)
         ctx.has_bias = bias is not None
         ctx.compact = compact
         ctx.transform, ctx.backend, ctx.chunk_size = transform, backend, chunk_size
@@ -75,9 +76,11 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, t, kept, logp_kept, lse_kept, basis, target_rows = ctx.saved_tensors
         needed = GradsNeeded(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                              ctx.has_bias and ctx.needs_input_grad[2])
+        hidden_shape, hidden_dtype, device = ctx.hidden_meta
         if not needed.any or (grad_logp is None and grad_lse is None):
             zeros = lambda x, want: torch.zeros_like(x) if want else None  # noqa: E731
-            return (zeros(hidden, needed.hidden), zeros(weight, needed.weight), zeros(bias, needed.bias)) + (None,) * 5
+            d_h = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device) if needed.hidden else None
+            return (d_h, zeros(weight, needed.weight), zeros(bias, needed.bias)) + (None,) * 5
         if grad_logp is None:
             grad_logp = torch.zeros_like(grad_lse)
 
@@ -87,14 +90,14 @@ class _LinearLogprobs(torch.autograd.Function):
 
         if basis is not None:  # frozen head: elementwise, no recomputation
             d_h, d_w, d_b = _grad_hidden_from_basis(g_logp, g_lse, target_rows, logp_kept, lse_kept, basis,
-                                                    ctx.transform).to(hidden.dtype), None, None
+                                                    ctx.transform).to(hidden_dtype), None, None
         else:
             d_h, d_w, d_b = ctx.backend.backward(
                 g_logp, g_lse, select(hidden).contiguous(), weight.contiguous(), bias, t.contiguous(), lse_kept,
                 ctx.transform, ctx.chunk_size, needed,
             )
         if d_h is not None and ctx.compact:
-            d_h = torch.zeros_like(hidden).index_copy_(0, kept, d_h)
+            d_h = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device).index_copy_(0, kept, d_h)
         return d_h, d_w, d_b, None, None, None, None, None
 
 

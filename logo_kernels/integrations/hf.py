@@ -109,6 +109,34 @@ def response_hidden_states(hidden: torch.Tensor, labels: torch.Tensor, sequence_
     return hidden[:, :-1][scored][order], next_labels[scored][order], cu_seqlens
 
 
+def decoder_hidden_states(model, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
+                          position_ids: Optional[torch.Tensor] = None, **backbone_kwargs) -> torch.Tensor:
+    """Last hidden states [R, L, D] of the causal LM's decoder (its head is not run)."""
+    backbone, _, _ = causal_lm_parts(model)
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, **backbone_kwargs)
+    return outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+
+
+def head_logo_loss(model, hidden: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
+                   loss_fn: LogoLoss) -> LogoLossOutput:
+    """``loss_fn`` on gathered hidden states [T, D] with the model's LM head (LoRA on it applied exactly,
+    final-logit softcap honoured, gathered under ZeRO-3)."""
+    _, head, softcap = causal_lm_parts(model)
+    base = getattr(head, "base_layer", head)
+    if hasattr(base.weight, "ds_id") and torch.is_grad_enabled() and any(
+            p.requires_grad for p in head.parameters()):
+        # The head weight is gathered only for this block; a trainable head would need its gradient
+        # reduced into the partitions, which is not wired (yet). A frozen head (LoRA) saves what its
+        # backward needs (W[target] rows) before the block ends.
+        raise NotImplementedError("a trainable lm_head under ZeRO-3 is not supported by the fused loss yet: "
+                                  "freeze lm_head (LoRA) or use ZeRO-1/2")
+    with gathered(base.weight, getattr(base, "bias", None)):
+        weight, bias = lm_head_weight_and_bias(head)
+        return loss_fn(hidden, weight.to(hidden.dtype), targets, cu_seqlens,
+                       None if bias is None else bias.to(hidden.dtype), softcap=softcap)
+
+
 def causal_lm_logo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn: LogoLoss, *,
                         attention_mask: Optional[torch.Tensor] = None,
                         position_ids: Optional[torch.Tensor] = None,
@@ -121,21 +149,8 @@ def causal_lm_logo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, lo
     [chosen, rejected_1..M]; ``labels`` is -100 (``loss_fn.ignore_index``) on prompt and padding.
     Extra keyword arguments go to the decoder (e.g. an attention-mask function for packed rows).
     """
-    backbone, head, softcap = causal_lm_parts(model)
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, **backbone_kwargs)
-    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+    hidden = decoder_hidden_states(model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   **backbone_kwargs)
     h, targets, cu_seqlens = response_hidden_states(hidden, labels, sequence_ids, num_sequences,
                                                     loss_fn.ignore_index)
-    base = getattr(head, "base_layer", head)
-    if hasattr(base.weight, "ds_id") and torch.is_grad_enabled() and any(
-            p.requires_grad for p in head.parameters()):
-        # The head weight is gathered only for this block; a trainable head would need its gradient
-        # reduced into the partitions, which is not wired (yet). A frozen head (LoRA) saves what its
-        # backward needs (W[target] rows) before the block ends.
-        raise NotImplementedError("a trainable lm_head under ZeRO-3 is not supported by the fused loss yet: "
-                                  "freeze lm_head (LoRA) or use ZeRO-1/2")
-    with gathered(base.weight, getattr(base, "bias", None)):
-        weight, bias = lm_head_weight_and_bias(head)
-        return loss_fn(h, weight.to(h.dtype), targets, cu_seqlens, None if bias is None else bias.to(h.dtype),
-                       softcap=softcap)
+    return head_logo_loss(model, h, targets, cu_seqlens, loss_fn)

@@ -1,0 +1,38 @@
+"""The LOGO objective on shared-prefix packed rows of a Hugging Face causal LM.
+
+``packed_logo_loss`` runs the decoder once per packed row (the long prefix encoded once for all M + 1
+responses), gathers the hidden states that predict the scored tokens, and applies the fused LOGO loss
+with the model's LM head — neither the full logits nor a dense attention mask is ever built.
+"""
+from __future__ import annotations
+
+from logo_kernels import LogoLoss, LogoLossOutput
+from logo_kernels.integrations.hf import _unwrap, decoder_hidden_states, head_logo_loss
+
+from .attention import ATTENTION_NAME, register_shared_prefix_attention
+from .data.packing import PackedBatch
+
+
+def enable_shared_prefix_attention(model) -> None:
+    """Switches the model's attention to the shared-prefix kernel, for good (gradient checkpointing
+    re-runs layers in the backward, so a temporary switch would recompute with another attention)."""
+    register_shared_prefix_attention()
+    lm = _unwrap(model)
+    if hasattr(lm, "set_attn_implementation"):
+        lm.set_attn_implementation(ATTENTION_NAME)
+    else:
+        lm.config._attn_implementation = ATTENTION_NAME
+
+
+def packed_logo_loss(model, batch: PackedBatch, loss_fn: LogoLoss) -> LogoLossOutput:
+    """LOGO loss of the examples packed in ``batch`` (see :func:`logo.data.packing.pack_rows`)."""
+    if getattr(_unwrap(model).config, "_attn_implementation", None) != ATTENTION_NAME:
+        raise ValueError("the model must use shared-prefix attention for packed rows: call "
+                         "logo.objective.enable_shared_prefix_attention(model) once before training")
+    if batch.num_negatives != loss_fn.num_negatives:
+        raise ValueError(f"the batch packs {batch.num_negatives} rejected responses per example, the loss "
+                         f"expects num_negatives = {loss_fn.num_negatives}")
+    hidden = decoder_hidden_states(model, batch.input_ids, position_ids=batch.position_ids,
+                                   shared_prefix_layouts=batch.layouts)
+    scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
+    return head_logo_loss(model, scored, batch.targets, batch.cu_seqlens, loss_fn)

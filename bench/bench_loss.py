@@ -31,7 +31,9 @@ def layout(tokens: int, negatives: int, response: int = 512):
     return batch, max(1, per_example // batch)
 
 
-def build_step(method: str, tokens: int, vocab: int, dim: int, negatives: int, seed: int = 0):
+def build_step(method: str, tokens: int, vocab: int, dim: int, negatives: int, head: str = "trainable",
+               seed: int = 0):
+    """fwd + bwd of one loss computation; ``head="frozen"`` (LoRA) leaves the LM head without gradient."""
     import torch
     import torch.nn.functional as F
 
@@ -39,7 +41,7 @@ def build_step(method: str, tokens: int, vocab: int, dim: int, negatives: int, s
     sequences = batch * (negatives + 1)
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(sequences * length, dim, generator=g).requires_grad_()
-    weight = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5).requires_grad_()
+    weight = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5).requires_grad_(head == "trainable")
     targets = torch.randint(0, vocab, (sequences * length,), generator=g)
     cu_seqlens = torch.arange(0, sequences + 1) * length
 
@@ -77,7 +79,8 @@ def build_step(method: str, tokens: int, vocab: int, dim: int, negatives: int, s
 def measure(case: dict) -> dict:
     import torch
     torch.set_num_threads(case["threads"])
-    step = build_step(case["method"], case["tokens"], case["vocab"], case["dim"], case["negatives"])
+    step = build_step(case["method"], case["tokens"], case["vocab"], case["dim"], case["negatives"],
+                      case.get("head", "trainable"))
     return harness.time_runs(step, repeats=case["repeats"], warmup=1)
 
 
@@ -101,6 +104,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--negatives", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--heads", nargs="+", default=["trainable", "frozen"], choices=["trainable", "frozen"],
+                        help="LM head trainable and/or frozen (LoRA, LOGO's recipe)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds over the methods of a shape (one process per method per round)")
@@ -115,21 +120,22 @@ def main(argv=None) -> None:
         args.tokens, args.vocabs, args.negatives = [1024, 4096], [32000], [1, 2]
 
     cases = []
-    for vocab in args.vocabs:
-        for negatives in args.negatives:
-            for tokens in args.tokens:
-                for method in args.methods:  # interleaved per shape: timing noise drifts over minutes
-                    case = dict(method=method, tokens=tokens, vocab=vocab, negatives=negatives, dim=args.dim,
-                                threads=args.threads, repeats=args.repeats)
-                    reason = skip_reason(method, tokens, vocab, negatives)
-                    if reason:
-                        case["skip"] = reason
-                    cases.append(case)
+    for head in args.heads:
+        for vocab in args.vocabs:
+            for negatives in args.negatives:
+                for tokens in args.tokens:
+                    for method in args.methods:  # interleaved per shape: timing noise drifts over minutes
+                        case = dict(method=method, head=head, tokens=tokens, vocab=vocab, negatives=negatives,
+                                    dim=args.dim, threads=args.threads, repeats=args.repeats)
+                        reason = skip_reason(method, tokens, vocab, negatives)
+                        if reason:
+                            case["skip"] = reason
+                        cases.append(case)
     rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout,
                               rounds=args.rounds)
-    harness.add_relative(rows, ("tokens", "vocab", "negatives", "dim"))
+    harness.add_relative(rows, ("head", "tokens", "vocab", "negatives", "dim"))
     harness.write_csv(rows, args.out + ".csv")
-    harness.plot_sweep(rows, args.out + ".png", x="tokens", panel_keys=("vocab", "negatives"),
+    harness.plot_sweep(rows, args.out + ".png", x="tokens", panel_keys=("head", "vocab", "negatives"),
                        series_order=METHODS, title="LOGO loss fwd+bwd")
     print(f"wrote {args.out}.csv and {args.out}.png")
 

@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> dh_partial(slices);
     at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
-    const BelowAutogradGuard below_autograd;
+      const BelowAutogradGuard below_autograd;
       at::Tensor buf = at::empty({bn * bv}, f32);
       at::Tensor deriv_buf = tf.has_softcap() ? at::empty({bn * bv}, f32) : at::Tensor();
       for (int64_t s = s_begin; s < s_end; ++s) {

@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
             }
             at::Tensor m_old = m_all.narrow(0, n0, cur_bn);
             at::Tensor sum = sum_all.narrow(0, n0, cur_bn);
-            at::Tensor m_new = at::maximum(m_old, std::get<0>(x.max(1))).clamp_min_(floor);
+            at::Tensor m_new = at::maximum(m_old, x.amax(1)).clamp_min_(floor);  // amax: no argmax work
             const at::Tensor rescale = (m_old - m_new).exp_();
             x.sub_(m_new.unsqueeze(1)).exp_();  // x <- exp(x - m_new)
             sum.mul_(rescale).add_(x.sum(1));

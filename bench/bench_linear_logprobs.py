@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="N in {1024, 4096}, V = 32000, both heads")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="measure nothing: recompute ratios, CSV and plot from PREFIX.csv")
     parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "linear_logprobs"),
                         help="output prefix: writes PREFIX.csv and PREFIX.png")
     args = parser.parse_args(argv)
@@ -141,31 +143,52 @@ def main(argv=None) -> None:
                     if reason:
                         case["skip"] = reason
                     cases.append(case)
+    if args.from_csv:
+        finish([_numeric(r) for r in harness.read_csv(args.out + ".csv")], args.out)
+        return
     rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout,
                               rounds=args.rounds)
-    add_ratios(rows)
-    harness.write_csv(rows, args.out + ".csv")
-    harness.plot_sweep([r for r in rows if r["method"] != "gemm"], args.out + ".png", x="n",
-                       panel_keys=("head", "vocab"), series_order=METHODS, title="fwd+bwd, fp32")
-    print(f"wrote {args.out}.csv and {args.out}.png")
+    finish(rows, args.out)
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Adds time / memory relative to naive, FLOP/s and GEMM efficiency to each measured row."""
+    """Adds time / memory relative to naive to each measured row, and for our methods the GEMM efficiency:
+    their GEMM work (4 GEMMs of 2·N·V·D FLOPs with a trainable head, 2 frozen) / time, over a plain GEMM's
+    FLOP/s measured in the same group of rounds."""
     harness.add_relative(rows, ("head", "n", "vocab", "dim"))
-    gemm = {(r["n"], r["vocab"], r["dim"]): r for r in rows if r["method"] == "gemm" and not r.get("error")}
+    gemm = {(r["head"], r["n"], r["vocab"], r["dim"]): r for r in rows if r["method"] == "gemm" and not r.get("error")}
     for r in rows:
         if r.get("error"):
             continue
-        base = gemm.get((r["n"], r["vocab"], r["dim"]))
         plain = 2 * r["n"] * r["vocab"] * r["dim"]
         if r["method"] == "gemm":
             r["gflops"] = round(plain / r["median_s"] / 1e9, 1)
             continue
-        flops = plain * (4 if r["head"] == "trainable" else 2)  # GEMMs of the fused fwd + bwd
-        r["gflops"] = round(flops / r["median_s"] / 1e9, 1)
-        if base:
+        base = gemm.get((r["head"], r["n"], r["vocab"], r["dim"]))
+        if r["method"].startswith("ours_") and base:
+            flops = plain * (4 if r["head"] == "trainable" else 2)
+            r["gflops"] = round(flops / r["median_s"] / 1e9, 1)
             r["gemm_efficiency"] = round(r["gflops"] / (plain / base["median_s"] / 1e9), 3)
+
+
+def _numeric(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if key in ("n", "vocab", "dim", "threads", "repeats", "rounds", "runs"):
+            out[key] = int(value) if value else value
+        elif key in ("median_s", "min_s", "max_s", "peak_extra_mib"):
+            out[key] = float(value) if value else value
+        elif key not in ("gflops", "gemm_efficiency", "time_vs_naive", "memory_vs_naive"):
+            out[key] = value
+    return out
+
+
+def finish(rows: list[dict], prefix: str) -> None:
+    add_ratios(rows)
+    harness.write_csv(rows, prefix + ".csv")
+    harness.plot_sweep([r for r in rows if r["method"] != "gemm"], prefix + ".png", x="n",
+                       panel_keys=("head", "vocab"), series_order=METHODS, title="fwd+bwd, fp32")
+    print(f"wrote {prefix}.csv and {prefix}.png")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Prints the README results table (markdown) from bench/results/linear_logprobs*.csv."""
+"""Prints the README results tables (markdown) from bench/results/*.csv.
+
+    python bench/readme_table.py op     # bench_linear_logprobs.py results (linear_logprobs*.csv)
+    python bench/readme_table.py loss   # bench_loss.py results (loss*.csv)
+"""
 import glob
 import os
 import sys
@@ -6,24 +10,50 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-LABELS = {"naive": "naive log_softmax + gather", "torch_lce": "torch 2.13 `F.linear_cross_entropy` (chunked)",
-          "ours_torch": "**ours, torch backend**", "ours_cpp": "**ours, cpp backend**",
-          "cce": "Cut-Cross-Entropy `torch_compile`", "trl": "TRL `ChunkedLogProbFunction`"}
+OP_LABELS = {"naive": "naive log_softmax + gather", "torch_lce": "torch 2.13 `F.linear_cross_entropy` (chunked)",
+             "ours_torch": "**ours, torch backend**", "ours_cpp": "**ours, cpp backend**",
+             "cce": "Cut-Cross-Entropy `torch_compile`", "trl": "TRL `ChunkedLogProbFunction`"}
+LOSS_LABELS = {"naive": "authors' path (full logits)", "ours": "**ours `logo_loss`**",
+               "liger_simpo": "Liger `LigerFusedLinearSimPOLoss`"}
 
 
-def main() -> None:
+def _rows(pattern, labels):
     rows = []
-    for path in sorted(glob.glob(os.path.join(harness.RESULTS_DIR, "linear_logprobs*.csv"))):
-        rows += [r for r in harness.read_csv(path) if r["method"] in LABELS and not r.get("error")]
-    print("| head | N | V | method | fwd+bwd s (median of 3) | × naive time | peak RSS MiB | × naive memory | GEMM eff. |")
+    for path in sorted(glob.glob(os.path.join(harness.RESULTS_DIR, pattern))):
+        rows += [r for r in harness.read_csv(path) if r["method"] in labels and not r.get("error")]
+    return rows
+
+
+def _head_order(r):
+    return r.get("head", "trainable") != "trainable"
+
+
+def _efficiency(row) -> str:
+    return f"{float(row['gemm_efficiency']):.2f}" if row.get("gemm_efficiency") else "–"
+
+
+def op_table() -> None:
+    rows = _rows("linear_logprobs*.csv", OP_LABELS)
+    print("| head | N | V | method | fwd+bwd s | × naive time | peak RSS MiB | × naive memory | GEMM eff. |")
     print("| --- | --: | --: | --- | --: | --: | --: | --: | --: |")
-    key = lambda r: (r.get("head", "trainable") != "trainable", int(r["vocab"]), int(r["n"]),  # noqa: E731
-                     list(LABELS).index(r["method"]))
+    key = lambda r: (_head_order(r), int(r["vocab"]), int(r["n"]), list(OP_LABELS).index(r["method"]))  # noqa: E731
     for r in sorted(rows, key=key):
-        print(f"| {r.get('head', 'trainable')} | {r['n']} | {r['vocab']} | {LABELS[r['method']]} | {float(r['median_s']):.2f} | "
-              f"{float(r['time_vs_naive']):.2f} | {float(r['peak_extra_mib']):.0f} | "
-              f"{float(r['memory_vs_naive']):.3f} | {float(r['gemm_efficiency']):.2f} |")
+        print(f"| {r.get('head', 'trainable')} | {r['n']} | {r['vocab']} | {OP_LABELS[r['method']]} | "
+              f"{float(r['median_s']):.2f} | {float(r['time_vs_naive']):.2f} | {float(r['peak_extra_mib']):.0f} | "
+              f"{float(r['memory_vs_naive']):.3f} | {_efficiency(r)} |")
+
+
+def loss_table() -> None:
+    rows = _rows("loss*.csv", LOSS_LABELS)
+    print("| head | T | V | M | method | fwd+bwd s | × naive time | peak RSS MiB | × naive memory |")
+    print("| --- | --: | --: | --: | --- | --: | --: | --: | --: |")
+    key = lambda r: (_head_order(r), int(r["vocab"]), int(r["negatives"]), int(r["tokens"]),  # noqa: E731
+                     list(LOSS_LABELS).index(r["method"]))
+    for r in sorted(rows, key=key):
+        print(f"| {r.get('head', 'trainable')} | {r['tokens']} | {r['vocab']} | {r['negatives']} | "
+              f"{LOSS_LABELS[r['method']]} | {float(r['median_s']):.2f} | {float(r['time_vs_naive']):.2f} | "
+              f"{float(r['peak_extra_mib']):.0f} | {float(r['memory_vs_naive']):.3f} |")
 
 
 if __name__ == "__main__":
-    main()
+    {"op": op_table, "loss": loss_table}[sys.argv[1] if len(sys.argv) > 1 else "op"]()

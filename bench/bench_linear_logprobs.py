@@ -185,14 +185,9 @@ def _numeric(row: dict) -> dict:
 
 def finish(rows: list[dict], prefix: str) -> None:
     add_ratios(rows)
-    harness.write_csv(rows, prefix + ".csv")
-    harness.plot_sweep([r for r in rows if r["method"] != "gemm"], prefix + ".png", x="n",
-                       panel_keys=("head", "vocab"), series_order=METHODS, title="fwd+bwd, fp32")
-    print(f"wrote {prefix}.csv and {prefix}.png")
+    harness.save_results(rows, prefix, x="n", panel_keys=("head", "vocab"), series_order=METHODS,
+                         title="fwd+bwd, fp32")
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        harness.worker_main(measure)
-    else:
-        main()
+    harness.script_main(main, measure)

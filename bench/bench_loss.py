@@ -134,14 +134,9 @@ def main(argv=None) -> None:
     rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout,
                               rounds=args.rounds)
     harness.add_relative(rows, ("head", "tokens", "vocab", "negatives", "dim"))
-    harness.write_csv(rows, args.out + ".csv")
-    harness.plot_sweep(rows, args.out + ".png", x="tokens", panel_keys=("head", "vocab", "negatives"),
-                       series_order=METHODS, title="LOGO loss fwd+bwd")
-    print(f"wrote {args.out}.csv and {args.out}.png")
+    harness.save_results(rows, args.out, x="tokens", panel_keys=("head", "vocab", "negatives"),
+                         series_order=METHODS, title="LOGO loss fwd+bwd")
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        harness.worker_main(measure)
-    else:
-        main()
+    harness.script_main(main, measure)

@@ -240,3 +240,18 @@ def plot_sweep(rows: List[dict], path: str, *, x: str, panel_keys: Iterable[str]
             ax.legend(fontsize=7)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def save_results(rows: List[dict], prefix: str, **plot_kwargs) -> None:
+    """Writes ``PREFIX.csv`` and the ``PREFIX.png`` sweep plot (``plot_sweep`` arguments) and says so."""
+    write_csv(rows, prefix + ".csv")
+    plot_sweep(rows, prefix + ".png", **plot_kwargs)
+    print(f"wrote {prefix}.csv and {prefix}.png")
+
+
+def script_main(main: Callable[[], None], measure: Callable[[dict], dict]) -> None:
+    """Entry point of a bench script: a worker process measures one case, otherwise the sweep runs."""
+    if "--worker" in sys.argv:
+        worker_main(measure)
+    else:
+        main()

@@ -60,48 +60,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> dh_partial(slices);
-    at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
-      const BelowAutogradGuard below_autograd;
-      at::Tensor buf = at::empty({bn * bv}, f32);
-      at::Tensor deriv_buf = tf.has_softcap() ? at::empty({bn * bv}, f32) : at::Tensor();
-      for (int64_t s = s_begin; s < s_end; ++s) {
-        const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
-        at::Tensor dh_acc;
-        if (need_hidden) {
-          dh_acc = s == 0 ? dh32.narrow(0, sb0, nsb) : at::zeros({nsb, dim}, f32);
-          dh_partial[s] = dh_acc;
-        }
-        for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
-          const int64_t cur_bv = std::min(bv, slice.end - v0);
-          const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv).contiguous();
-          for (int64_t n0 = sb0; n0 < sb0 + nsb; n0 += bn) {
-            const int64_t cur_bn = std::min(bn, sb0 + nsb - n0);
-            const at::Tensor h_block = h32.narrow(0, n0, cur_bn);
-            at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
-            compute_logits_tile(x, h_block, wt, bias_ptr, v0, tf);
-
-            at::Tensor deriv;
-            if (tf.has_softcap()) {
-              deriv = deriv_buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
-              softcap_slope(deriv, x, tf.softcap);
-            }
-            // x <- p * coef_p (+ coef_t at the target column): the gradient w.r.t. the logits tile.
-            x.sub_(lse32.narrow(0, n0, cur_bn).unsqueeze(1)).exp_();
-            x.mul_(coef_p.narrow(0, n0, cur_bn).unsqueeze(1));
-            float* xp = x.data_ptr<float>();
-            for (int64_t r = 0; r < cur_bn; ++r) {
-              const int64_t t = tgt[n0 + r];
-              if (t >= v0 && t < v0 + cur_bv) xp[r * cur_bv + (t - v0)] += ct[n0 + r];
-            }
-            if (tf.has_softcap()) x.mul_(deriv);
-
-            if (need_hidden) dh_acc.narrow(0, n0 - sb0, cur_bn).addmm_(x, wt);
-            if (need_weight) dw32.narrow(0, v0, cur_bv).addmm_(x.t(), h_block);
-            if (need_bias) db32.narrow(0, v0, cur_bv).add_(x.sum(0));
+    walk_superblock(
+        h32, w, bias_ptr, tf, sb0, nsb, bn, bv, slices, tf.has_softcap(),
+        [&](int64_t s) {
+          if (need_hidden) dh_partial[s] = s == 0 ? dh32.narrow(0, sb0, nsb) : at::zeros({nsb, dim}, f32);
+        },
+        [&](const TileVisit& t) {
+          at::Tensor& x = t.logits;
+          if (tf.has_softcap()) softcap_slope(t.scratch, x, tf.softcap);
+          // x <- p * coef_p (+ coef_t at the target column): the gradient w.r.t. the logits tile.
+          x.sub_(lse32.narrow(0, t.n0, t.cur_bn).unsqueeze(1)).exp_();
+          x.mul_(coef_p.narrow(0, t.n0, t.cur_bn).unsqueeze(1));
+          float* xp = x.data_ptr<float>();
+          for (int64_t r = 0; r < t.cur_bn; ++r) {
+            const int64_t target = tgt[t.n0 + r];
+            if (target >= t.v0 && target < t.v0 + t.cur_bv) xp[r * t.cur_bv + (target - t.v0)] += ct[t.n0 + r];
           }
-        }
-      }
-    });
+          if (tf.has_softcap()) x.mul_(t.scratch);
+          if (need_hidden) dh_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).addmm_(x, t.w_tile);
+          if (need_weight) dw32.narrow(0, t.v0, t.cur_bv).addmm_(x.t(), t.h_block);
+          if (need_bias) db32.narrow(0, t.v0, t.cur_bv).add_(x.sum(0));
+        });
     if (need_hidden) {
       at::Tensor out = dh32.narrow(0, sb0, nsb);
       for (int64_t s = 1; s < slices; ++s) out.add_(dh_partial[s]);

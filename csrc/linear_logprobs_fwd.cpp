@@ -55,52 +55,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> basis_partial(slices);
-    at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
-      const BelowAutogradGuard below_autograd;
-      at::Tensor buf = at::empty({bn * bv}, f32);
-      at::Tensor slope_buf = with_basis && tf.has_softcap() ? at::empty({bn * bv}, f32) : at::Tensor();
-      for (int64_t s = s_begin; s < s_end; ++s) {
-        const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
-        at::Tensor m_all = run_max[s];
-        at::Tensor sum_all = run_sum[s];
-        if (with_basis) basis_partial[s] = at::zeros({nsb, dim}, f32);
-        for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
-          const int64_t cur_bv = std::min(bv, slice.end - v0);
-          const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv).contiguous();
-          for (int64_t n0 = sb0; n0 < sb0 + nsb; n0 += bn) {
-            const int64_t cur_bn = std::min(bn, sb0 + nsb - n0);
-            at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
-            compute_logits_tile(x, h32.narrow(0, n0, cur_bn), wt, bias_ptr, v0, tf);
-
-            const float* xp = x.data_ptr<float>();
-            for (int64_t r = 0; r < cur_bn; ++r) {
-              const int64_t t = tgt[n0 + r];
-              if (t >= v0 && t < v0 + cur_bv) tl[n0 + r] = xp[r * cur_bv + (t - v0)];
-            }
-            at::Tensor slope;
-            if (slope_buf.defined()) {
-              slope = slope_buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
-              softcap_slope(slope, x, tf.softcap);
-            }
-            at::Tensor m_old = m_all.narrow(0, n0, cur_bn);
-            at::Tensor sum = sum_all.narrow(0, n0, cur_bn);
-            at::Tensor m_new = at::maximum(m_old, x.amax(1)).clamp_min_(floor);  // amax: no argmax work
-            const at::Tensor rescale = (m_old - m_new).exp_();
-            x.sub_(m_new.unsqueeze(1)).exp_();  // x <- exp(x - m_new)
-            sum.mul_(rescale).add_(x.sum(1));
-            if (with_basis) {
-              if (slope.defined()) x.mul_(slope);
-              basis_partial[s].narrow(0, n0 - sb0, cur_bn).mul_(rescale.unsqueeze(1)).addmm_(x, wt);
-            }
-            m_old.copy_(m_new);
+    const bool need_slope = with_basis && tf.has_softcap();
+    walk_superblock(
+        h32, w, bias_ptr, tf, sb0, nsb, bn, bv, slices, need_slope,
+        [&](int64_t s) {
+          if (with_basis) basis_partial[s] = at::zeros({nsb, dim}, f32);
+        },
+        [&](const TileVisit& t) {
+          at::Tensor& x = t.logits;
+          const float* xp = x.data_ptr<float>();
+          for (int64_t r = 0; r < t.cur_bn; ++r) {
+            const int64_t target = tgt[t.n0 + r];
+            if (target >= t.v0 && target < t.v0 + t.cur_bv) tl[t.n0 + r] = xp[r * t.cur_bv + (target - t.v0)];
           }
-        }
-      }
-    });
+          if (need_slope) softcap_slope(t.scratch, x, tf.softcap);
+          at::Tensor m_old = run_max.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
+          at::Tensor sum = run_sum.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
+          at::Tensor m_new = at::maximum(m_old, x.amax(1)).clamp_min_(floor);  // amax: no argmax work
+          const at::Tensor rescale = (m_old - m_new).exp_();
+          x.sub_(m_new.unsqueeze(1)).exp_();  // x <- exp(x - m_new)
+          sum.mul_(rescale).add_(x.sum(1));
+          if (with_basis) {
+            if (need_slope) x.mul_(t.scratch);
+            basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1)).addmm_(x, t.w_tile);
+          }
+          m_old.copy_(m_new);
+        });
 
     // Every slice has seen every vocabulary row of this superblock: its log-sum-exp is final.
     const at::Tensor rmax = run_max.narrow(1, sb0, nsb);
-    const at::Tensor m = std::get<0>(rmax.max(0));
+    const at::Tensor m = rmax.amax(0);
     const at::Tensor weights = (rmax - m.unsqueeze(0)).exp_();  // exp(m_s - m) per slice
     at::Tensor lse_sb = lse.narrow(0, sb0, nsb);
     lse_sb.copy_(m + (run_sum.narrow(1, sb0, nsb) * weights).sum(0).log_());

@@ -96,4 +96,50 @@ inline void softcap_slope(at::Tensor& out, const at::Tensor& x, double cap) {
   out.mul_(out).neg_().add_(1.0);
 }
 
+// One visited tile: its coordinates, the transformed logits tile [cur_bn, cur_bv] (the visitor may
+// overwrite it), the fp32 weight tile [cur_bv, D] and hidden block [cur_bn, D], and a scratch tile of
+// the logits' shape when the walk was asked for one.
+struct TileVisit {
+  int64_t slice, v0, cur_bv, n0, cur_bn;
+  at::Tensor& logits;
+  const at::Tensor& w_tile;
+  const at::Tensor& h_block;
+  at::Tensor& scratch;
+};
+
+// The tile walk of both passes over the tokens [sb0, sb0 + nsb) of one superblock: workers own
+// vocabulary slices (at::parallel_for, below autograd); `on_slice(s)` runs first in the worker, then
+// `on_tile(TileVisit)` for each (vocabulary tile, token block) of the slice, vocabulary-tile-major.
+// Both passes walk identical tiles through this one function — same GEMM shapes — so the backward
+// recomputes the forward's logits bitwise (softmax(x - lse) is exact where it should be).
+template <typename OnSlice, typename OnTile>
+void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bias, const LogitTransform& tf,
+                     int64_t sb0, int64_t nsb, int64_t bn, int64_t bv, int64_t slices, bool need_scratch,
+                     OnSlice&& on_slice, OnTile&& on_tile) {
+  const int64_t vocab = w.size(0);
+  const auto f32 = h32.options().dtype(at::kFloat);
+  at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
+    const BelowAutogradGuard below_autograd;
+    const at::Tensor buf = at::empty({bn * bv}, f32);
+    const at::Tensor scratch_buf = need_scratch ? at::empty({bn * bv}, f32) : at::Tensor();
+    for (int64_t s = s_begin; s < s_end; ++s) {
+      on_slice(s);
+      const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
+      for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
+        const int64_t cur_bv = std::min(bv, slice.end - v0);
+        const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv).contiguous();
+        for (int64_t n0 = sb0; n0 < sb0 + nsb; n0 += bn) {
+          const int64_t cur_bn = std::min(bn, sb0 + nsb - n0);
+          const at::Tensor h_block = h32.narrow(0, n0, cur_bn);
+          at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
+          compute_logits_tile(x, h_block, wt, bias, v0, tf);
+          at::Tensor scratch = need_scratch ? scratch_buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv})
+                                            : at::Tensor();
+          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, x, wt, h_block, scratch});
+        }
+      }
+    }
+  });
+}
+
 }  // namespace logo_kernels

@@ -117,16 +117,10 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--heads", nargs="+", default=["trainable"], choices=["trainable", "frozen"],
                         help="LM head trainable (dW computed) and/or frozen (LoRA: only dHidden)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds over the methods of a shape (one process per method per round)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="N in {1024, 4096}, V = 32000, both heads")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     parser.add_argument("--from-csv", action="store_true",
                         help="measure nothing: recompute ratios, CSV and plot from PREFIX.csv")
-    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "linear_logprobs"),
-                        help="output prefix: writes PREFIX.csv and PREFIX.png")
+    harness.add_run_arguments(parser, "linear_logprobs")
     args = parser.parse_args(argv)
     if args.quick:
         args.ns, args.vocabs, args.heads = [1024, 4096], [32000], ["trainable", "frozen"]

@@ -107,14 +107,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", nargs="+", default=["trainable", "frozen"], choices=["trainable", "frozen"],
                         help="LM head trainable and/or frozen (LoRA, LOGO's recipe)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds over the methods of a shape (one process per method per round)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="T in {1024, 4096}, V = 32000, M in {1, 2}")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
-    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "loss"),
-                        help="output prefix: writes PREFIX.csv and PREFIX.png")
+    harness.add_run_arguments(parser, "loss")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.vocabs, args.negatives = [1024, 4096], [32000], [1, 2]

@@ -255,3 +255,14 @@ def script_main(main: Callable[[], None], measure: Callable[[dict], dict]) -> No
         worker_main(measure)
     else:
         main()
+
+
+def add_run_arguments(parser, default_out: str) -> None:
+    """The harness's own options, shared by every bench script: rounds, repeats, threads, timeout, out."""
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over the methods of a shape (one process per method per round)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, default_out),
+                        help="output prefix: writes PREFIX.csv and PREFIX.png")

@@ -26,7 +26,7 @@ def _grad_hidden_from_basis(grad_logp, grad_lse, target_rows, logp, lse, basis,
     coef_basis = -g if grad_lse is None else grad_lse.to(acc) - g
     coef_target = g
     if transform.softcap is not None:
-        coef_target = g * (1.0 - ((logp + lse) / transform.softcap).square())
+        coef_target = g * transform.softcap_slope(logp + lse)
     d_h = torch.addcmul(coef_basis[:, None] * basis, coef_target[:, None], target_rows.to(acc))
     return d_h / transform.temperature if transform.temperature != 1.0 else d_h
 

@@ -25,6 +25,10 @@ class LogitTransform:
     temperature: float = 1.0
     softcap: Optional[float] = None
 
+    def softcap_slope(self, capped: torch.Tensor) -> torch.Tensor:
+        """d(softcap * tanh(z / softcap)) / dz = 1 - (x / softcap)^2, from the capped logits x."""
+        return 1.0 - (capped / self.softcap).square()
+
 
 @dataclass(frozen=True)
 class GradsNeeded:

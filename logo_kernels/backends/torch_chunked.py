@@ -62,7 +62,7 @@ class TorchChunkedBackend:
             if basis is not None:  # Q = (softmax * softcap slope) @ W
                 probs = torch.exp(logits - lse[start:end, None])
                 if transform.softcap is not None:
-                    probs *= 1.0 - (logits / transform.softcap).square_()
+                    probs *= transform.softcap_slope(logits)
                 basis[start:end] = probs @ weight_acc
         return logp, lse, basis
 
@@ -88,8 +88,8 @@ class TorchChunkedBackend:
             logits = _chunk_logits(hidden_chunk, weight_acc, bias_acc, transform)
             grad_logits = torch.exp(logits - lse[start:end, None]).mul_(coef_prob[start:end, None])
             grad_logits.scatter_add_(1, targets[start:end, None], coef_target[start:end, None])
-            if transform.softcap is not None:  # d(cap * tanh(z / cap)) / dz = 1 - (x / cap)^2
-                grad_logits *= 1.0 - (logits / transform.softcap).square_()
+            if transform.softcap is not None:
+                grad_logits *= transform.softcap_slope(logits)
             del logits
             if grad_hidden is not None:
                 grad_hidden[start:end] = (grad_logits @ weight_acc).to(hidden.dtype)

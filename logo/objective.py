@@ -7,7 +7,7 @@ with the model's LM head — neither the full logits nor a dense attention mask 
 from __future__ import annotations
 
 from logo_kernels import LogoLoss, LogoLossOutput
-from logo_kernels.integrations.hf import _unwrap, decoder_hidden_states, head_logo_loss
+from logo_kernels.integrations.hf import unwrap_causal_lm, decoder_hidden_states, head_logo_loss
 
 from .attention import ATTENTION_NAME, register_shared_prefix_attention
 from .data.packing import PackedBatch
@@ -17,7 +17,7 @@ def enable_shared_prefix_attention(model) -> None:
     """Switches the model's attention to the shared-prefix kernel, for good (gradient checkpointing
     re-runs layers in the backward, so a temporary switch would recompute with another attention)."""
     register_shared_prefix_attention()
-    lm = _unwrap(model)
+    lm = unwrap_causal_lm(model)
     if hasattr(lm, "set_attn_implementation"):
         lm.set_attn_implementation(ATTENTION_NAME)
     else:
@@ -26,7 +26,7 @@ def enable_shared_prefix_attention(model) -> None:
 
 def packed_logo_loss(model, batch: PackedBatch, loss_fn: LogoLoss) -> LogoLossOutput:
     """LOGO loss of the examples packed in ``batch`` (see :func:`logo.data.packing.pack_rows`)."""
-    if getattr(_unwrap(model).config, "_attn_implementation", None) != ATTENTION_NAME:
+    if getattr(unwrap_causal_lm(model).config, "_attn_implementation", None) != ATTENTION_NAME:
         raise ValueError("the model must use shared-prefix attention for packed rows: call "
                          "logo.objective.enable_shared_prefix_attention(model) once before training")
     if batch.num_negatives != loss_fn.num_negatives:

@@ -17,7 +17,7 @@ import torch
 from ..losses.logo import LogoLoss, LogoLossOutput
 
 
-def _unwrap(model):
+def unwrap_causal_lm(model):
     """The ``*ForCausalLM`` inside peft / DeepSpeed / DDP wrappers."""
     for _ in range(4):
         if hasattr(model, "get_base_model"):  # peft
@@ -31,7 +31,7 @@ def _unwrap(model):
 
 def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[float]]:
     """(decoder backbone, LM-head module, final logit softcap or None) of a causal LM."""
-    lm = _unwrap(model)
+    lm = unwrap_causal_lm(model)
     backbone = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if backbone is None or head is None:

@@ -7,8 +7,10 @@ with a lower-right causal bias (``torch.nn.attention.bias.causal_lower_right``),
 is ever built; memory is that of the prefix keys plus one response.
 
 Registered with transformers' AttentionInterface as ``"logo_shared_prefix"``: a model set to it
-(``model.set_attn_implementation("logo_shared_prefix")``) expects ``shared_prefix_layouts=`` (the
-``layouts`` of a :class:`logo.data.packing.PackedBatch`) among the forward's keyword arguments.
+(``model.set_attn_implementation("logo_shared_prefix")``) reads ``shared_prefix_layouts=`` (the
+``layouts`` of a :class:`logo.data.packing.PackedBatch`) among the forward's keyword arguments. Without
+it the call is ordinary causal SDPA (transformers' own), so the same model still evaluates and generates
+plain sequences (with a KV cache) — no switching back and forth.
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
                             **kwargs):
     """query [R, Hq, L, d], key/value [R, Hkv, L, d] -> (output [R, L, Hq, d], None)."""
     if shared_prefix_layouts is None:
-        raise ValueError(f"attention '{ATTENTION_NAME}' needs shared_prefix_layouts= in the model's forward "
-                         "(the layouts of a logo.data.packing.PackedBatch)")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if attention_mask is not None:
         raise ValueError(f"attention '{ATTENTION_NAME}' builds its own masking; pass attention_mask=None")
     rows, heads, length, _ = query.shape

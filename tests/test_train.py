@@ -1,0 +1,139 @@
+"""python -m logo.train: config, run directory, exact resume, NaN stop, atomic checkpoints, accumulation."""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import logo.train as train_module  # noqa: E402
+from logo.checkpoint import latest_checkpoint  # noqa: E402
+from logo.config import TrainConfig, build_parser, parse_config  # noqa: E402
+
+TINY = ["--synthetic-train", "8", "--synthetic-eval", "4", "--synthetic-context-words", "120", "--window", "1024",
+        "--max-context-tokens", "256", "--max-response-tokens", "40", "--tiny-hidden-size", "32", "--tiny-layers", "1",
+        "--eval-max-new-tokens", "4", "--no-progress", "--warmup-steps", "2", "--batch-rows", "2"]
+
+
+def run(tmp_path, *args, name="run"):
+    config, _ = parse_config(TINY + ["--output-dir", str(tmp_path / name), *args])
+    return config, train_module.train(config)
+
+
+def train_losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    text = " ".join(build_parser().format_help().split())
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        assert "--" + name.replace("_", "-") in text
+    assert "reward scale beta [embedded default: 2.0] (default: 10.0)" in text  # paper and embedded values
+
+
+def test_config_precedence_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 3.0e-4\nmax-steps: 50\nbeta: 4\n")
+    config, explicit = parse_config(["--config", str(path), "--max-steps", "7"])
+    assert (config.learning_rate, config.max_steps, config.beta) == (3e-4, 7, 4.0)
+    assert config.dtype == "fp32" and config.finetune == "full"  # embedded defaults where not set
+    assert "max_steps" in explicit and "dtype" not in explicit
+    real, _ = parse_config(["--model", "/some/model"])
+    assert (real.dtype, real.finetune, real.beta, real.window, real.sft_weight) == ("bf16", "lora", 10.0, 65536, 0.1)
+    path.write_text("learning_rat: 1\n")
+    with pytest.raises(ValueError, match="unknown config field.*learning_rat"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="'max_steps'"):
+        parse_config(["--max-steps", "many"])
+    with pytest.raises(ValueError, match="'dtype'.*not one of"):
+        parse_config(["--dtype", "int8"])
+    with pytest.raises(ValueError, match="'window'.*must exceed"):
+        parse_config(["--window", "1000", "--max-context-tokens", "2000"])
+
+
+def test_a_run_writes_its_directory_and_evaluates(tmp_path):
+    config, results = run(tmp_path, "--max-steps", "2", "--save-every", "1")
+    d = config.output_dir
+    for name in ("config.json", "metrics.jsonl", "results.json", "data/train.jsonl", "data/heldout.jsonl",
+                 "tokenizer/tokenizer.json", "final/config.json", "final/model.safetensors", "final/tokenizer.json"):
+        assert os.path.isfile(os.path.join(d, name)), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(d, "tensorboard")))
+    assert latest_checkpoint(os.path.join(d, "checkpoints")).endswith("step-2")
+    assert sorted(os.listdir(os.path.join(d, "checkpoints"))) == ["latest", "step-1", "step-2"]
+    assert set(results["before"]) >= {"accuracy", "accuracy_rejected_0", "accuracy_rejected_1", "exact_match", "loss"}
+    assert results["after"] and results["steps"] == 2
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(d, "final"))
+    assert reloaded.config.vocab_size == len(transformers.AutoTokenizer.from_pretrained(os.path.join(d, "final")))
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = ["--max-steps", "6", "--save-every", "100", "--eval-max-new-tokens", "1"]
+    full, _ = run(tmp_path, *args, name="full")
+    part, _ = run(tmp_path, *args, "--stop-after", "3", name="part")
+    assert latest_checkpoint(os.path.join(part.output_dir, "checkpoints")).endswith("step-3")
+    assert not os.path.exists(os.path.join(part.output_dir, "final"))
+    run(tmp_path, *args, "--resume", name="part")
+    expected, got = train_losses(full.output_dir), train_losses(part.output_dir)
+    assert sorted(got) == list(range(1, 7))
+    assert [got[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], rel=1e-6, abs=1e-7)
+    assert expected[6] != expected[4]  # the steps after the resume really trained
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
+    big, _ = run(tmp_path, "--max-steps", "3", "--batch-rows", "2", "--grad-accum", "1", name="big")
+    acc, _ = run(tmp_path, "--max-steps", "3", "--batch-rows", "1", "--grad-accum", "2", name="acc")
+    a, b = train_losses(big.output_dir), train_losses(acc.output_dir)
+    assert [b[s] for s in (1, 2, 3)] == pytest.approx([a[s] for s in (1, 2, 3)], rel=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train_module.packed_logo_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, loss_fn):
+        out = real(model, batch, loss_fn)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third step
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "packed_logo_loss", poisoned)
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {})
+    out_dir = tmp_path / "nan"
+    code = train_module.main(TINY + ["--output-dir", str(out_dir), "--max-steps", "5", "--save-every", "2"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "step 3: the loss is nan" in err and "step-2" in err
+    checkpoints = str(out_dir / "checkpoints")
+    assert latest_checkpoint(checkpoints).endswith("step-2")
+    state = torch.load(os.path.join(latest_checkpoint(checkpoints), "trainer.pt"), weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import logo.checkpoint as checkpoint
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def dying_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-way through its file
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            raise KeyboardInterrupt("killed mid-save")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {})
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--max-steps", "4", "--save-every", "1", name="crash")
+    checkpoints = tmp_path / "crash" / "checkpoints"
+    assert latest_checkpoint(str(checkpoints)).endswith("step-1")
+    assert (checkpoints / ".tmp-step-2").exists()  # the torn write never replaced anything
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    config, results = run(tmp_path, "--max-steps", "4", "--save-every", "1", "--resume", name="crash")
+    assert results["steps"] == 3 and not (checkpoints / ".tmp-step-2").exists()
+    assert latest_checkpoint(str(checkpoints)).endswith("step-4")

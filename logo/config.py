@@ -69,7 +69,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the sigmoid loss")
     loss_backend: str = _opt("auto", "fused op backend", ("auto", "torch", "cpp", "triton"))
     # optimisation
-    learning_rate: float = _opt(5e-5, "peak learning rate (authors: 5e-7 .. 1e-4)")
+    learning_rate: float = _opt(5e-7, "peak learning rate (the authors' release: 5e-7; their experiments span "
+                                      "1e-6 .. 1e-4)")
     lr_schedule: str = _opt("cosine", "after warmup", ("cosine", "constant"))
     warmup_steps: int = _opt(100, "linear warmup steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay")

@@ -33,13 +33,13 @@ class World:
         if self.distributed:
             torch.distributed.barrier()
 
-    def mean(self, value: float) -> float:
-        """Mean of a float over ranks (identity when single-process)."""
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t) / self.size
+    def mean(self, *values: float):
+        """Means over ranks of the given floats, in one all-reduce (identity when single-process)."""
+        if self.distributed:
+            t = torch.tensor(values, dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            values = tuple((t / self.size).tolist())
+        return values[0] if len(values) == 1 else values
 
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():

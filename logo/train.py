@@ -221,6 +221,11 @@ def train(config: TrainConfig) -> dict:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.max_steps, initial=start_step, desc="LOGO", dynamic_ncols=True)
+    def stop(what: str):
+        raise TrainingDiverged(f"{what}; stopped before the optimizer step. Last good checkpoint: "
+                               f"{latest_checkpoint(checkpoints) or 'none'} (lower the learning rate, use fp32/bf16 "
+                               "instead of fp16, or check the data)")
+
     end_step = config.max_steps if config.stop_after is None else min(config.max_steps, start_step + config.stop_after)
     model.train()
     for step in range(start_step, end_step):
@@ -233,26 +238,24 @@ def train(config: TrainConfig) -> dict:
             batch.score_index, batch.targets = batch.score_index.to(world.device), batch.targets.to(world.device)
             batch.cu_seqlens = batch.cu_seqlens.to(world.device)
             out = packed_logo_loss(model, batch, loss_fn)
-            loss_value = world.mean(float(out.loss.detach()))
+            loss_value, sft, margin, accuracy = world.mean(float(out.loss.detach()), float(out.sft_loss),
+                                                           float(out.margins.mean()), float(out.accuracy))
             if not math.isfinite(loss_value):
-                last = latest_checkpoint(checkpoints)
-                raise TrainingDiverged(f"step {step + 1}: the loss is {loss_value}; stopped before the optimizer step. "
-                                       f"Last good checkpoint: {last or 'none'} (lower the learning rate, use fp32/bf16 "
-                                       "instead of fp16, or check the data)")
+                stop(f"step {step + 1}: the loss is {loss_value}")
             if engine is not None:
                 engine.backward(out.loss)
                 engine.step()
             else:
                 (out.loss / config.grad_accum).backward()  # every micro-batch has batch_rows examples: a plain mean
-            sums["loss"] += loss_value / config.grad_accum
-            sums["sft_loss"] += world.mean(float(out.sft_loss)) / config.grad_accum
-            sums["margin"] += world.mean(float(out.margins.mean())) / config.grad_accum
-            sums["accuracy"] += world.mean(float(out.accuracy)) / config.grad_accum
+            for name, value in zip(sums, (loss_value, sft, margin, accuracy)):
+                sums[name] += value / config.grad_accum
             tokens += int(batch.input_ids.numel())
         if engine is not None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+            if not math.isfinite(grad_norm):
+                stop(f"step {step + 1}: the gradient norm is {grad_norm}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -137,3 +137,23 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     config, results = run(tmp_path, "--max-steps", "4", "--save-every", "1", "--resume", name="crash")
     assert results["steps"] == 3 and not (checkpoints / ".tmp-step-2").exists()
     assert latest_checkpoint(str(checkpoints)).endswith("step-4")
+
+
+@pytest.mark.parametrize("recipe", ["llama3-8b-instruct-80k", "llama3-8b-instruct-8k", "mistral-7b-instruct-v0.2"])
+def test_shipped_recipes_parse_and_fill_the_deepspeed_config(recipe, monkeypatch):
+    from logo.distributed import World, deepspeed_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)  # the recipes name their DeepSpeed config relative to the repository
+    config, _ = parse_config(["--config", f"configs/{recipe}.yaml", "--model", "/models/x"])
+    assert (config.num_negatives, config.sft_weight, config.lora_r, config.lora_alpha, config.window) == (2, 0.1, 32, 16,
+                                                                                                          65536)
+    assert "embed_tokens" in config.lora_targets and config.dtype == "bf16" and config.gradient_checkpointing
+    assert (config.beta, config.gamma) == ((2.5, 0.25) if "mistral" in recipe else (10.0, 3.0))
+    if recipe.endswith("8k"):
+        assert (config.rope_theta, config.max_position_embeddings) == (2e8, 81920)
+    ds = deepspeed_config(config, World(size=8))
+    assert ds["train_batch_size"] == 64 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+    for name in ("zero2", "zero2_offload", "zero3_offload"):
+        config.deepspeed = f"configs/{name}.json"
+        assert deepspeed_config(config, World(size=2))["train_micro_batch_size_per_gpu"] == 1

@@ -33,6 +33,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_linear_logprobs.py --quick
 	$(PY) bench/bench_loss.py --quick
+	$(PY) bench/bench_step.py --quick
+	$(PY) bench/estimate_memory.py
 
 clean:
 	rm -rf build *.egg-info logo_kernels/*.so .pytest_cache

@@ -103,10 +103,7 @@ def skip_reason(method: str, n: int, vocab: int) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{module} not installed"
     need = _LOGITS_COPIES.get(method, 0) * n * vocab * 4
-    available = harness.available_memory_bytes()
-    if available is not None and need > 0.8 * available:
-        return f"does not fit: needs ~{need / 2**30:.0f} GiB, {available / 2**30:.0f} GiB available"
-    return None
+    return harness.memory_skip_reason(need)
 
 
 def main(argv=None) -> None:

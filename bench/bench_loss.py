@@ -92,10 +92,7 @@ def skip_reason(method: str, tokens: int, vocab: int, negatives: int) -> str | N
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel not installed"
     copies = {"naive": 4, "liger_simpo": 1}.get(method, 0)
-    need, available = copies * tokens * vocab * 4, harness.available_memory_bytes()
-    if available is not None and need > 0.8 * available:
-        return f"does not fit: needs ~{need / 2**30:.0f} GiB, {available / 2**30:.0f} GiB available"
-    return None
+    return harness.memory_skip_reason(copies * tokens * vocab * 4)
 
 
 def main(argv=None) -> None:

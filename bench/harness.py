@@ -179,6 +179,14 @@ def available_memory_bytes() -> Optional[int]:
     return psutil.virtual_memory().available
 
 
+def memory_skip_reason(need_bytes: float) -> Optional[str]:
+    """Why a case needing ``need_bytes`` cannot run here (over 80% of the available memory), or None."""
+    available = available_memory_bytes()
+    if available is not None and need_bytes > 0.8 * available:
+        return f"does not fit: needs ~{need_bytes / 2**30:.0f} GiB, {available / 2**30:.0f} GiB available"
+    return None
+
+
 def save_figure(fig, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
     os.close(fd)

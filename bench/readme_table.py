@@ -2,6 +2,7 @@
 
     python bench/readme_table.py op     # bench_linear_logprobs.py results (linear_logprobs*.csv)
     python bench/readme_table.py loss   # bench_loss.py results (loss*.csv)
+    python bench/readme_table.py step   # bench_step.py results (step*.csv)
 """
 import glob
 import os
@@ -13,6 +14,7 @@ import harness  # noqa: E402
 OP_LABELS = {"naive": "naive log_softmax + gather", "torch_lce": "torch 2.13 `F.linear_cross_entropy` (chunked)",
              "ours_torch": "**ours, torch backend**", "ours_cpp": "**ours, cpp backend**",
              "cce": "Cut-Cross-Entropy `torch_compile`", "trl": "TRL `ChunkedLogProbFunction`"}
+STEP_LABELS = {"authors": "authors' path (M+1 sequences, full logits)", "ours": "**ours (shared prefix + fused)**"}
 LOSS_LABELS = {"naive": "authors' path (full logits)", "ours": "**ours `logo_loss`**",
                "liger_simpo": "Liger `LigerFusedLinearSimPOLoss`"}
 
@@ -55,5 +57,17 @@ def loss_table() -> None:
               f"{float(r['peak_extra_mib']):.0f} | {float(r['memory_vs_naive']):.3f} |")
 
 
+def step_table() -> None:
+    rows = _rows("step*.csv", STEP_LABELS)
+    print("| V | M | context | responses | method | step s | × authors time | peak RSS MiB | × authors memory |")
+    print("| --: | --: | --: | --: | --- | --: | --: | --: | --: |")
+    key = lambda r: (int(r["vocab"]), int(r["negatives"]), int(r["context"]),  # noqa: E731
+                     list(STEP_LABELS).index(r["method"]))
+    for r in sorted(rows, key=key):
+        print(f"| {r['vocab']} | {r['negatives']} | {r['context']} | {int(r['negatives']) + 1}×{r['response']} | "
+              f"{STEP_LABELS[r['method']]} | {float(r['median_s']):.2f} | {float(r['time_vs_authors']):.2f} | "
+              f"{float(r['peak_extra_mib']):.0f} | {float(r['memory_vs_authors']):.3f} |")
+
+
 if __name__ == "__main__":
-    {"op": op_table, "loss": loss_table}[sys.argv[1] if len(sys.argv) > 1 else "op"]()
+    {"op": op_table, "loss": loss_table, "step": step_table}[sys.argv[1] if len(sys.argv) > 1 else "op"]()

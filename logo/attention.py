@@ -14,6 +14,7 @@ plain sequences (with a KV cache) — no switching back and forth.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 ATTENTION_NAME = "logo_shared_prefix"
+
+# the bias objects hold no data (two lengths); built once per shape, outside any tracing / dispatch mode
+_causal_lower_right = functools.lru_cache(maxsize=1024)(causal_lower_right)
 
 
 def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -58,7 +62,7 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
             keys = torch.cat([key[r:r + 1, :, :p], key[r:r + 1, :, start:start + n]], dim=2)
             values = torch.cat([value[r:r + 1, :, :p], value[r:r + 1, :, start:start + n]], dim=2)
             out[r, :, start:start + n] = F.scaled_dot_product_attention(
-                query[r:r + 1, :, start:start + n], keys, values, attn_mask=causal_lower_right(n, p + n),
+                query[r:r + 1, :, start:start + n], keys, values, attn_mask=_causal_lower_right(n, p + n),
                 dropout_p=dropout, scale=scaling)[0]
             start += n
     return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,134 @@
+"""One LOGO training step (forward + backward) of a small Llama: the authors' path vs ours.
+
+Methods (fp32, full fine-tuning, a Llama built from a config; one process per method and round,
+``--rounds`` rounds over the methods of a shape, median of the pooled timed runs after a warm-up):
+  authors   what the release does: M + 1 separate full sequences [context | response_j] in one batch,
+            full [M+1, L, V] logits upcast to fp32, log_softmax, gather, per-sequence means, the LOGO loss
+            (+ lambda SFT; bugs L1-L3 fixed)
+  ours      one shared-prefix packed row [context | response_0 | ... | response_M] (logo.data.packing +
+            the logo_shared_prefix attention) and the fused LOGO loss on the response tokens only
+Each example: a context of C tokens (question included) and M + 1 responses of R tokens.
+
+    python bench/bench_step.py --quick    # C in {1024, 8192}, M = 2, V = 32000
+    python bench/bench_step.py            # C in 1K..16K, M in {1, 2, 3}, V in {32000, 128256}
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+METHODS = ["authors", "ours"]
+BETA, GAMMA, SFT_WEIGHT = 10.0, 3.0, 0.1
+
+
+def tiny_llama(vocab: int, dim: int, layers: int, max_positions: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=layers,
+                         num_attention_heads=max(1, dim // 64), num_key_value_heads=max(1, dim // 128),
+                         max_position_embeddings=max_positions, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).train()
+
+
+def build_step(method: str, context: int, response: int, negatives: int, vocab: int, dim: int, layers: int,
+               seed: int = 0):
+    """fwd + bwd of one example's LOGO step with ``method``; returns a callable."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (context,), generator=g)
+    answers = [torch.randint(0, vocab, (response,), generator=g) for _ in range(negatives + 1)]
+    model = tiny_llama(vocab, dim, layers, context + (negatives + 1) * response + 16)
+
+    if method == "authors":
+        model.set_attn_implementation("sdpa")
+        input_ids = torch.stack([torch.cat([prompt, a]) for a in answers])  # [M+1, C+R]
+        labels = input_ids.clone()
+        labels[:, :context] = -100
+
+        def loss():
+            logits = model(input_ids=input_ids).logits.float()                      # [M+1, L, V]
+            logps = torch.log_softmax(logits[:, :-1], -1)
+            target = labels[:, 1:]
+            mask = target != -100
+            token = logps.gather(2, target.clamp_min(0)[..., None]).squeeze(2) * mask
+            means = token.sum(1) / mask.sum(1)                                         # [M+1]
+            z = BETA * (means[0] - means[1:].mean()) - GAMMA
+            return -F.logsigmoid(z) - SFT_WEIGHT * means[0]
+    elif method == "ours":
+        import logo_kernels as lk
+        from logo.data.packing import pack_rows
+        from logo.objective import enable_shared_prefix_attention, packed_logo_loss
+
+        enable_shared_prefix_attention(model)
+        batch = pack_rows([prompt], [answers])
+        loss_fn = lk.LogoLoss(num_negatives=negatives, beta=BETA, gamma=GAMMA, sft_weight=SFT_WEIGHT)
+
+        def loss():
+            return packed_logo_loss(model, batch, loss_fn).loss
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+    return step
+
+
+def measure(case: dict) -> dict:
+    import torch
+    torch.set_num_threads(case["threads"])
+    step = build_step(case["method"], case["context"], case["response"], case["negatives"], case["vocab"],
+                      case["dim"], case["layers"])
+    return harness.time_runs(step, repeats=case["repeats"], warmup=1)
+
+
+def skip_reason(method: str, context: int, response: int, negatives: int, vocab: int) -> str | None:
+    tokens = (negatives + 1) * (context + response) if method == "authors" else 0
+    need = 4 * tokens * vocab * 4  # logits, fp32 copy / log_softmax, their gradients
+    return harness.memory_skip_reason(need)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--negatives", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--response", type=int, default=512, help="tokens per response")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--quick", action="store_true", help="C in {1024, 8192}, M = 2, V = 32000")
+    harness.add_run_arguments(parser, "step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.negatives, args.vocabs = [1024, 8192], [2], [32000]
+
+    cases = []
+    for vocab in args.vocabs:
+        for negatives in args.negatives:
+            for context in args.contexts:
+                for method in args.methods:  # interleaved per shape: timing drifts over minutes here
+                    case = dict(method=method, context=context, negatives=negatives, vocab=vocab,
+                                response=args.response, dim=args.dim, layers=args.layers, threads=args.threads,
+                                repeats=args.repeats)
+                    reason = skip_reason(method, context, args.response, negatives, vocab)
+                    if reason:
+                        case["skip"] = reason
+                    cases.append(case)
+    rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout,
+                              rounds=args.rounds)
+    harness.add_relative(rows, ("context", "negatives", "vocab", "response", "dim", "layers"), baseline="authors")
+    harness.save_results(rows, args.out, x="context", panel_keys=("vocab", "negatives"), series_order=METHODS,
+                         title="LOGO training step fwd+bwd")
+
+
+if __name__ == "__main__":
+    harness.script_main(main, measure)

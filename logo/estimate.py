@@ -1,0 +1,299 @@
+"""``python -m logo.estimate``: peak memory per GPU of one LOGO training step, and whether it fits.
+
+    python -m logo.estimate --model llama-3-8b --real-tokens 8192 --negatives 3 --sft-weight 0.1 \\
+        --gpus 8 --zero 3 --gpu A800-80GB --compare
+
+The estimate adds, per GPU (bytes; ``b`` = bytes of the compute dtype, P = parameters, P_t = trainable):
+
+* parameters: ``b·P`` (ZeRO-3: ``/gpus``; with parameter offload: 0) + under ZeRO-3 the gathered working
+  set of one layer;
+* gradients: ``b·P_t`` (ZeRO-2/3: ``/gpus``); optimizer: AdamW ``12·P_t`` with mixed precision (fp32
+  master + m + v; fp32 training ``8·P_t``), ZeRO-1+ ``/gpus``, optimizer offload: 0;
+* activations kept through the step: with gradient checkpointing each layer's input (``b·D`` per token),
+  without it every layer's saved tensors, ``b·(12D + 4D_kv + 4I)`` per token (see
+  :func:`layer_activation_bytes_per_token`), plus the embedding and final-norm outputs;
+* two transients, of which only the larger counts (the loss runs after the forward, a layer is
+  recomputed later in the backward): ``layer`` = one layer's recomputation (checkpointing) + the prefix
+  keys/values that shared-prefix attention concatenates per response; ``loss`` = the loss path.
+  ``naive`` (the authors' release) materialises the logits of every position of every sequence in ``b``
+  bytes, upcasts them (4 B; no copy in fp32), keeps log_softmax (4 B) and its gradient (4 B); with
+  lambda > 0 the SFT cross-entropy of the chosen sequence adds ``8·L·V``. ``fused`` (``logo_kernels``)
+  keeps no ``[tokens, V]`` tensor: the response hidden states, a bounded tile workspace and, when the
+  head trains, its fp32 gradient accumulator;
+* framework overhead: CUDA context and allocator reserve (a fixed ``--overhead-gib``, default 2.5) and
+  fragmentation (``--fragmentation``, default 5% of the rest).
+
+Token counts per example: ``separate`` packing (the authors') runs M + 1 sequences of ``real + response``
+tokens; ``shared`` (this package) one row of ``real + (M + 1)·response``. The position window only
+changes RoPE tables (negligible): memory follows the real tokens. The model is validated against the
+peak live tensor bytes of real CPU training steps traced op by op (:mod:`logo.memory_trace`,
+``tests/test_estimate.py``: six small configurations, both paths, with and without checkpointing, all
+within 10%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+GIB = 2 ** 30
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+GPUS = {"A800-80GB": 80 * GIB, "A100-80GB": 80 * GIB, "H100-80GB": 80 * GIB, "H200-141GB": 141e9,
+        "A100-40GB": 40 * GIB, "RTX-4090-24GB": 24 * GIB}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on in a Llama-style decoder."""
+
+    name: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_linears(self) -> Dict[str, Tuple[int, int]]:
+        d, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+                "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+    def layer_parameters(self) -> int:
+        return sum(a * b for a, b in self.layer_linears().values()) + 2 * self.hidden
+
+    def parameters(self) -> int:
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_parameters() + self.hidden
+
+
+BUILTIN = {
+    "llama-3-8b": ModelShape("Llama-3-8B", 128256, 4096, 14336, 32, 32, 8),
+    "mistral-7b": ModelShape("Mistral-7B", 32000, 4096, 14336, 32, 32, 8),
+    "llama-2-7b": ModelShape("Llama-2-7B", 32000, 4096, 11008, 32, 32, 32),
+}
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """A built-in shape (``llama-3-8b``, ``mistral-7b``, ``llama-2-7b``) or a local config.json / model dir."""
+    if name_or_path.lower() in BUILTIN:
+        return BUILTIN[name_or_path.lower()]
+    path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
+    if not os.path.isfile(path):
+        raise ValueError(f"--model: {name_or_path!r} is neither a built-in shape {sorted(BUILTIN)} nor a config.json")
+    with open(path, encoding="utf-8") as handle:
+        c = json.load(handle)
+    try:
+        heads = c["num_attention_heads"]
+        return ModelShape(os.path.basename(os.path.dirname(os.path.abspath(path))) or path, c["vocab_size"],
+                          c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
+                          c.get("num_key_value_heads") or heads, bool(c.get("tie_word_embeddings", False)))
+    except KeyError as missing:
+        raise ValueError(f"{path}: no {missing} (a Llama-style config is needed)") from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    real_tokens: int = 8192          # context + question tokens of one example
+    window: int = 65536              # synthesized position window (does not change memory)
+    negatives: int = 2               # M
+    response_tokens: int = 512       # per response
+    sft_weight: float = 0.1          # lambda
+    finetune: str = "lora"           # lora | full
+    lora_r: int = 32
+    lora_targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens")
+    zero: int = 3                    # 0 (plain), 1, 2, 3
+    offload: str = "none"            # none | optimizer | all (parameters + optimizer)
+    gpus: int = 8
+    rows: int = 1                    # examples per GPU per micro-batch
+    checkpointing: bool = True
+    dtype: str = "bf16"
+    loss: str = "fused"              # fused | naive
+    packing: str = "shared"          # shared | separate
+    overhead_gib: float = 2.5
+    fragmentation: float = 0.05
+    workspace_gib: float = 0.25      # fused loss tile workspace bound
+
+    def validate(self) -> "Setting":
+        for name, allowed in (("finetune", ("lora", "full")), ("offload", ("none", "optimizer", "all")),
+                              ("dtype", tuple(BYTES)), ("loss", ("fused", "naive")), ("packing", ("shared", "separate"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero must be 0..3, got {self.zero}")
+        if min(self.real_tokens, self.negatives, self.response_tokens, self.gpus, self.rows) < 1:
+            raise ValueError("real_tokens, negatives, response_tokens, gpus and rows must be >= 1")
+        return self
+
+
+def trainable_parameters(shape: ModelShape, s: Setting) -> int:
+    if s.finetune == "full":
+        return shape.parameters()
+    linears = shape.layer_linears()
+    total = 0
+    for target in s.lora_targets:
+        if target in linears:
+            fan_in, fan_out = linears[target]
+            total += shape.layers * s.lora_r * (fan_in + fan_out)
+        elif target == "embed_tokens":
+            total += s.lora_r * (shape.vocab + shape.hidden)
+        elif target == "lm_head":
+            total += s.lora_r * (shape.vocab + shape.hidden)
+    return total
+
+
+def token_counts(s: Setting) -> Tuple[int, int, int]:
+    """(backbone tokens, scored tokens, tokens whose logits the naive path materialises) per GPU."""
+    sequences = s.negatives + 1
+    if s.packing == "shared":
+        backbone = s.real_tokens + sequences * s.response_tokens
+    else:
+        backbone = sequences * (s.real_tokens + s.response_tokens)
+    return s.rows * backbone, s.rows * sequences * s.response_tokens, s.rows * backbone
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, b: int) -> int:
+    """Saved tensors of one Llama layer per token: norms (input, normalised, output: 3D each), q / rotated q /
+    q with RoPE (3D), k, v and their RoPE forms (4 kv), attention output and its contiguous copy (2D),
+    the residual (D), gate / up / SiLU / product (4I)."""
+    return b * (12 * shape.hidden + 4 * shape.kv_dim + 4 * shape.intermediate)
+
+
+def estimate(shape: ModelShape, s: Setting) -> Dict[str, float]:
+    """Bytes per GPU of each component (module doc) and their ``total``."""
+    s.validate()
+    b = BYTES[s.dtype]
+    mixed = s.dtype != "fp32"
+    p, p_t = shape.parameters(), trainable_parameters(shape, s)
+    shard = lambda n, stage: n / s.gpus if s.zero >= stage else n  # noqa: E731
+    out: Dict[str, float] = {}
+    out["parameters"] = 0.0 if (s.offload == "all" and s.zero == 3) else shard(b * p, 3)
+    if s.zero == 3:
+        out["parameters"] += 2 * b * shape.layer_parameters()  # gathered layer + prefetch
+    if s.finetune == "lora":
+        out["parameters"] += b * p_t  # adapters (small; kept whole for simplicity)
+    out["gradients"] = shard(b * p_t, 2)
+    opt_bytes = (12 if mixed else 8) * p_t
+    out["optimizer"] = 0.0 if s.offload in ("optimizer", "all") else shard(opt_bytes, 1)
+
+    backbone, scored, logit_tokens = token_counts(s)
+    per_token_layer = layer_activation_bytes_per_token(shape, b)
+    kept = backbone * b * shape.hidden * 2  # embedding output + final norm output
+    if s.checkpointing:
+        kept += backbone * b * shape.hidden * shape.layers  # each layer's input
+        recompute = backbone * per_token_layer  # one layer re-run in the backward
+    else:
+        kept += backbone * per_token_layer * shape.layers
+        recompute = 0.0
+    # shared-prefix packing concatenates the prefix keys/values per response (one layer, transient)
+    attention = 2 * b * shape.hidden * (s.real_tokens + s.response_tokens) * s.rows if s.packing == "shared" else 0.0
+    vocab = shape.vocab
+    if s.loss == "naive":
+        upcast = 4 if b < 4 else 0  # fp32 logits are not copied by .float()
+        logits = (b + upcast + 8) * logit_tokens * vocab  # logits, upcast, log_softmax, its gradient
+        if s.sft_weight > 0:
+            logits += 8 * (s.real_tokens + s.response_tokens) * s.rows * vocab
+    else:
+        head_grad = 4 * vocab * shape.hidden if s.finetune == "full" else 0  # fp32 dW accumulator of the head
+        logits = 3 * 4 * scored * shape.hidden + s.workspace_gib * GIB + head_grad
+    out["activations"] = kept
+    out["layer"] = recompute + attention
+    out["loss"] = logits
+    # the loss runs after the forward, a layer's recomputation later in the backward: only the larger of
+    # the two transients counts toward the peak
+    transient = max(out["layer"], out["loss"])
+    subtotal = out["parameters"] + out["gradients"] + out["optimizer"] + kept + transient
+    out["overhead"] = s.overhead_gib * GIB + s.fragmentation * subtotal
+    out["total"] = subtotal + out["overhead"]
+    return out
+
+
+def fits(total: float, gpu: str) -> bool:
+    return total <= GPUS[gpu]
+
+
+def format_table(shape: ModelShape, rows: List[Tuple[str, Setting, Dict[str, float]]], gpu: str) -> str:
+    """A text table: one column per setting, one row per component, the verdict last."""
+    names = ["parameters", "gradients", "optimizer", "activations", "layer", "loss", "overhead", "total"]
+    width = max(18, max(len(label) for label, _, _ in rows) + 2)
+    lines = [f"{shape.name} ({shape.parameters() / 1e9:.2f} B parameters), GiB per GPU on {gpu}:",
+             "component".ljust(14) + "".join(label.rjust(width) for label, _, _ in rows)]
+    for name in names:
+        lines.append(name.ljust(14) + "".join(f"{est[name] / GIB:{width}.2f}" for _, _, est in rows))
+    lines.append("verdict".ljust(14) + "".join(("fits" if fits(est["total"], gpu) else "OOM").rjust(width)
+                                               for _, _, est in rows))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Setting()
+    parser = argparse.ArgumentParser(prog="python -m logo.estimate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-3-8b", help=f"built-in shape {sorted(BUILTIN)} or a config.json")
+    parser.add_argument("--gpu", default="A800-80GB", choices=sorted(GPUS))
+    parser.add_argument("--real-tokens", type=int, default=d.real_tokens, help="context + question tokens")
+    parser.add_argument("--window", type=int, default=d.window, help="position window (memory does not depend on it)")
+    parser.add_argument("--negatives", type=int, default=d.negatives, help="M")
+    parser.add_argument("--response-tokens", type=int, default=d.response_tokens)
+    parser.add_argument("--sft-weight", type=float, default=d.sft_weight, help="lambda")
+    parser.add_argument("--finetune", default=d.finetune, choices=["lora", "full"])
+    parser.add_argument("--lora-r", type=int, default=d.lora_r)
+    parser.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3])
+    parser.add_argument("--offload", default=d.offload, choices=["none", "optimizer", "all"])
+    parser.add_argument("--gpus", type=int, default=d.gpus)
+    parser.add_argument("--rows", type=int, default=d.rows, help="examples per GPU per micro-batch")
+    parser.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
+    parser.add_argument("--dtype", default=d.dtype, choices=sorted(BYTES))
+    parser.add_argument("--loss", default=d.loss, choices=["fused", "naive"])
+    parser.add_argument("--packing", default=d.packing, choices=["shared", "separate"])
+    parser.add_argument("--overhead-gib", type=float, default=d.overhead_gib,
+                        help="CUDA context + allocator reserve, GiB")
+    parser.add_argument("--fragmentation", type=float, default=d.fragmentation,
+                        help="allocator fragmentation, as a fraction of the rest")
+    parser.add_argument("--compare", action="store_true",
+                        help="columns: the authors' path (separate + naive) and ours (shared + fused)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    shape = model_shape(args.model)
+    setting = Setting(real_tokens=args.real_tokens, window=args.window, negatives=args.negatives,
+                      response_tokens=args.response_tokens, sft_weight=args.sft_weight, finetune=args.finetune,
+                      lora_r=args.lora_r, zero=args.zero, offload=args.offload, gpus=args.gpus, rows=args.rows,
+                      checkpointing=not args.no_checkpointing, dtype=args.dtype, loss=args.loss,
+                      packing=args.packing, overhead_gib=args.overhead_gib,
+                      fragmentation=args.fragmentation).validate()
+    if args.compare:
+        columns = [("authors (naive)", replace(setting, loss="naive", packing="separate")),
+                   ("ours (fused)", replace(setting, loss="fused", packing="shared"))]
+    else:
+        columns = [(f"{setting.packing}+{setting.loss}", setting)]
+    rows = [(label, s, estimate(shape, s)) for label, s in columns]
+    if args.json:
+        print(json.dumps([{"label": label, "setting": asdict(s), "gib": {k: v / GIB for k, v in est.items()},
+                           "fits": fits(est["total"], args.gpu)} for label, s, est in rows], indent=2))
+    else:
+        print(format_table(shape, rows, args.gpu))
+        print(f"real tokens {setting.real_tokens} in a {setting.window}-position window, M={setting.negatives}, "
+              f"{setting.response_tokens}-token responses, lambda={setting.sft_weight}, {setting.finetune}, "
+              f"ZeRO-{setting.zero} on {setting.gpus} GPUs, offload {setting.offload}, "
+              f"checkpointing {'on' if setting.checkpointing else 'off'}, {setting.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

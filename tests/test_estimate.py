@@ -1,0 +1,107 @@
+"""The memory estimator: validated against traced live tensor bytes of real CPU steps; the paper's OOM."""
+import inspect
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from logo.estimate import BUILTIN, GIB, ModelShape, Setting, estimate, fits, main, model_shape  # noqa: E402
+from logo.memory_trace import LiveTensorBytes  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import bench_step  # noqa: E402
+
+
+def traced_step_bytes(method, context, response, negatives, vocab, dim, layers, checkpointing):
+    """Peak live tensor bytes of the second full training step (AdamW states exist by then)."""
+    step = bench_step.build_step(method, context, response, negatives, vocab, dim, layers)
+    closure = inspect.getclosurevars(step).nonlocals
+    model, loss = closure["model"], closure["loss"]
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+
+    def full_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    full_step()
+    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    trace = LiveTensorBytes()
+    trace.track(list(model.parameters()) + states)
+    with trace:
+        full_step()
+    return trace.peak, model.config
+
+
+CASES = [  # method, context, response, M, vocab, dim, layers, checkpointing
+    ("authors", 512, 64, 2, 4000, 128, 2, False),
+    ("ours", 512, 64, 2, 4000, 128, 2, False),
+    ("authors", 1024, 128, 1, 8000, 128, 2, False),
+    ("ours", 1024, 128, 3, 8000, 128, 2, False),
+    ("ours", 2048, 128, 2, 4000, 256, 3, True),
+    ("authors", 1024, 128, 2, 4000, 256, 3, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-C{c[1]}-M{c[3]}-V{c[4]}-D{c[5]}{'-ckpt' if c[7] else ''}"
+                                             for c in CASES])
+def test_estimate_matches_traced_peak_within_15_percent(case):
+    method, context, response, negatives, vocab, dim, layers, checkpointing = case
+    peak, config = traced_step_bytes(*case)
+    shape = ModelShape("tiny", vocab, dim, config.intermediate_size, layers, config.num_attention_heads,
+                       config.num_key_value_heads)
+    setting = Setting(real_tokens=context, negatives=negatives, response_tokens=response, sft_weight=0.0,
+                      finetune="full", zero=0, gpus=1, dtype="fp32", checkpointing=checkpointing,
+                      loss="naive" if method == "authors" else "fused",
+                      packing="separate" if method == "authors" else "shared",
+                      overhead_gib=0.0, fragmentation=0.0, workspace_gib=0.0)
+    predicted = estimate(shape, setting)["total"]
+    assert 0.85 <= predicted / peak <= 1.15, f"predicted {predicted / 2**20:.1f} MiB, traced {peak / 2**20:.1f} MiB"
+
+
+def paper(negatives, sft_weight, **kw):
+    return Setting(real_tokens=8192, negatives=negatives, sft_weight=sft_weight, offload="all", **kw)
+
+
+def test_authors_path_reproduces_the_paper_oom_and_ours_fits():
+    llama = BUILTIN["llama-3-8b"]
+    authors = dict(loss="naive", packing="separate")
+    assert fits(estimate(llama, paper(3, 0.0, **authors))["total"], "A800-80GB")       # trained in the paper
+    assert not fits(estimate(llama, paper(3, 0.1, **authors))["total"], "A800-80GB")   # the paper's OOM (Fig. 6c)
+    assert fits(estimate(llama, paper(2, 0.1, **authors))["total"], "A800-80GB")
+    for negatives in (2, 3, 4, 8):
+        assert fits(estimate(llama, paper(negatives, 0.1))["total"], "A800-80GB")
+    long = Setting(real_tokens=81920, window=81920, negatives=2, offload="all")
+    assert fits(estimate(llama, long)["total"], "A800-80GB")                          # 80K real tokens, ours
+
+
+def test_shapes_and_parameter_counts(tmp_path):
+    assert abs(BUILTIN["llama-3-8b"].parameters() - 8.03e9) < 0.01e9
+    assert abs(BUILTIN["mistral-7b"].parameters() - 7.24e9) < 0.01e9
+    assert abs(BUILTIN["llama-2-7b"].parameters() - 6.74e9) < 0.01e9
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    config.save_pretrained(str(tmp_path))
+    shape = model_shape(str(tmp_path))
+    assert shape.parameters() == sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
+    with pytest.raises(ValueError, match="neither a built-in shape"):
+        model_shape(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        estimate(shape, Setting(loss="magic"))
+
+
+def test_cli_prints_a_table_with_a_verdict(capsys):
+    assert main(["--negatives", "3", "--compare", "--offload", "all"]) == 0
+    text = capsys.readouterr().out
+    assert "authors (naive)" in text and "ours (fused)" in text
+    assert text.splitlines()[-2].split()[1:] == ["OOM", "fits"]
+    assert main(["--json", "--model", "mistral-7b", "--gpu", "H100-80GB"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["fits"] and row["gib"]["total"] * GIB == pytest.approx(
+        estimate(BUILTIN["mistral-7b"], Setting())["total"])

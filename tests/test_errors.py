@@ -1,4 +1,6 @@
 """Bad input to linear_logprobs gets a clear error that names the argument / position at fault."""
+import os
+
 import pytest
 import torch
 
@@ -72,6 +74,15 @@ def test_cpp_backend_refuses_float64():
         lk.linear_logprobs(*args(dtype=torch.float64), backend="cpp")
 
 
-def test_triton_backend_is_reported_unavailable():
-    with pytest.raises(RuntimeError, match="backend='triton' is not available"):
-        lk.linear_logprobs(*args(), backend="triton")
+def test_triton_backend_on_cpu_needs_the_interpreter():
+    import subprocess
+    import sys
+
+    code = ("import torch, logo_kernels as lk\n"
+            "try:\n    lk.linear_logprobs(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), backend='triton')\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "backend='triton' runs on CUDA tensors" in out and "TRITON_INTERPRET=1" in out
+
+

@@ -25,6 +25,11 @@ class LogitTransform:
     temperature: float = 1.0
     softcap: Optional[float] = None
 
+    @property
+    def kernel_softcap(self) -> float:
+        """The softcap as the C++ / Triton kernels take it: 0.0 for none."""
+        return 0.0 if self.softcap is None else float(self.softcap)
+
     def softcap_slope(self, capped: torch.Tensor) -> torch.Tensor:
         """d(softcap * tanh(z / softcap)) / dz = 1 - (x / softcap)^2, from the capped logits x."""
         return 1.0 - (capped / self.softcap).square()

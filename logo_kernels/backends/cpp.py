@@ -60,9 +60,6 @@ if is_available():
         )
 
 
-def _softcap_arg(transform: LogitTransform) -> float:
-    return 0.0 if transform.softcap is None else float(transform.softcap)
-
 
 class CppBackend:
     name = "cpp"
@@ -74,7 +71,7 @@ class CppBackend:
     def forward(self, hidden, weight, bias, targets, transform: LogitTransform, chunk_size: Optional[int],
                 with_basis: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         logp, lse, basis = torch.ops.logo_kernels.linear_logprobs_fwd(
-            hidden, weight, bias, targets, 1.0 / transform.temperature, _softcap_arg(transform),
+            hidden, weight, bias, targets, 1.0 / transform.temperature, transform.kernel_softcap,
             chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab, with_basis, self.workspace_bytes,
         )
         return logp, lse, basis if with_basis else None
@@ -83,7 +80,7 @@ class CppBackend:
                  chunk_size: Optional[int], needed: GradsNeeded) -> Grads:
         grads = torch.ops.logo_kernels.linear_logprobs_bwd(
             grad_logp.float().contiguous(), None if grad_lse is None else grad_lse.float().contiguous(),
-            hidden, weight, bias, targets, lse, 1.0 / transform.temperature, _softcap_arg(transform),
+            hidden, weight, bias, targets, lse, 1.0 / transform.temperature, transform.kernel_softcap,
             chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab,
             needed.hidden, needed.weight, needed.bias, self.workspace_bytes,
         )

@@ -6,7 +6,7 @@ hits them alike; median of the pooled timed runs, each after a warm-up in its pr
   torch_lce    torch 2.13 F.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
   ours_torch   logo_kernels.linear_logprobs(backend="torch")     (chunked torch reference)
   ours_cpp     logo_kernels.linear_logprobs(backend="cpp")       (C++ / OpenMP kernels)
-  ours_triton  logo_kernels.linear_logprobs(backend="triton")    (only with a CUDA device: skipped here)
+  ours_triton  logo_kernels.linear_logprobs(backend="triton")    (CUDA device only: --gpu)
   cce          cut_cross_entropy.linear_cross_entropy(impl="torch_compile")  (its CPU path)
   trl          trl.kernels.ChunkedLogProbFunction                 (its torch path on CPU)
 Liger-Kernel's fused linear cross-entropy is Triton-only (no CPU path), so it is not in this CPU sweep.
@@ -16,6 +16,7 @@ A plain fp32 GEMM [N, D] x [D, V] is timed in the same run to report the GEMM ef
     python bench/bench_linear_logprobs.py                 # full sweep (long)
     python bench/bench_linear_logprobs.py --quick         # N in {1024, 4096}, V = 32000, both heads
     python bench/bench_linear_logprobs.py --ns 4096 --vocabs 32000 --methods naive ours_cpp
+    python bench/bench_linear_logprobs.py --gpu    # CUDA, bf16, D = 4096, V = 128256, N in 4K..32K
 """
 from __future__ import annotations
 
@@ -33,17 +34,22 @@ FULL_VOCABS = [32000, 128256]
 _LOGITS_COPIES = {"naive": 4, "torch_lce": 0.5, "cce": 2, "trl": 0.5}
 
 
-def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable", seed: int = 0):
-    """Returns a zero-argument fwd+bwd step for ``method`` on fixed random inputs (fp32).
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable", seed: int = 0,
+               device: str = "cpu", dtype: str = "fp32"):
+    """Returns a zero-argument fwd+bwd step for ``method`` on fixed random inputs.
 
     ``head="frozen"`` leaves the weight without gradient (the LoRA case): only dHidden is computed."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, dim, generator=g).requires_grad_()
-    weight = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5).requires_grad_(head == "trainable")
-    targets = torch.randint(0, vocab, (n,), generator=g)
-    upstream = torch.randn(n, generator=g)
+    cast = dict(device=device, dtype=getattr(torch, DTYPES[dtype]))
+    hidden = torch.randn(n, dim, generator=g).to(**cast).requires_grad_()
+    weight = torch.randn(vocab, dim, generator=g).mul_(dim**-0.5).to(**cast).requires_grad_(head == "trainable")
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
 
     if method == "naive":
         def logp():
@@ -64,7 +70,8 @@ def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable
         from cut_cross_entropy import linear_cross_entropy
 
         def logp():
-            return -linear_cross_entropy(hidden, weight, targets, reduction="none", impl="torch_compile")
+            impl = "cce" if device == "cuda" else "torch_compile"  # its Triton kernel on GPUs
+            return -linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl)
     elif method == "trl":
         from trl.kernels import ChunkedLogProbFunction
 
@@ -88,22 +95,29 @@ def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable
 def measure(case: dict) -> dict:
     import torch
     torch.set_num_threads(case["threads"])
-    step = build_step(case["method"], case["n"], case["vocab"], case["dim"], case.get("head", "trainable"))
-    return harness.time_runs(step, repeats=case["repeats"], warmup=1)
+    device = case.get("device", "cpu")
+    step = build_step(case["method"], case["n"], case["vocab"], case["dim"], case.get("head", "trainable"),
+                      device=device, dtype=case.get("dtype", "fp32"))
+    timer = harness.time_runs_cuda if device == "cuda" else harness.time_runs
+    return timer(step, repeats=case["repeats"], warmup=1)
 
 
-def skip_reason(method: str, n: int, vocab: int) -> str | None:
-    if method == "ours_triton":
-        import torch
-        if not torch.cuda.is_available():
-            return "no CUDA device (the triton backend is benchmarked on GPUs only)"
+def skip_reason(method: str, n: int, vocab: int, device: str = "cpu", dtype: str = "fp32") -> str | None:
+    import torch
+    if method == "ours_triton" and device != "cuda":
+        return ("no CUDA device (the triton backend is benchmarked on GPUs only)" if not torch.cuda.is_available()
+                else "the triton backend runs with --device cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    if method == "ours_cpp" and device == "cuda":
+        return "the cpp backend runs on CPU tensors"
     if method in ("cce", "trl"):
         import importlib.util
         module = {"cce": "cut_cross_entropy", "trl": "trl"}[method]
         if importlib.util.find_spec(module) is None:
             return f"{module} not installed"
     need = _LOGITS_COPIES.get(method, 0) * n * vocab * 4
-    return harness.memory_skip_reason(need)
+    return harness.memory_skip_reason(need, device)
 
 
 def main(argv=None) -> None:
@@ -115,12 +129,19 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", nargs="+", default=["trainable"], choices=["trainable", "frozen"],
                         help="LM head trainable (dW computed) and/or frozen (LoRA: only dHidden)")
     parser.add_argument("--quick", action="store_true", help="N in {1024, 4096}, V = 32000, both heads")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--gpu", action="store_true",
+                        help="CUDA, bf16, D = 4096, V = 128256, N in {4096 .. 32768}: naive, torch_lce, ours_triton, cce")
     parser.add_argument("--from-csv", action="store_true",
                         help="measure nothing: recompute ratios, CSV and plot from PREFIX.csv")
     harness.add_run_arguments(parser, "linear_logprobs")
     args = parser.parse_args(argv)
     if args.quick:
         args.ns, args.vocabs, args.heads = [1024, 4096], [32000], ["trainable", "frozen"]
+    if args.gpu:
+        args.device, args.dtype, args.dim, args.vocabs = "cuda", "bf16", 4096, [128256]
+        args.ns, args.methods = [4096, 8192, 16384, 32768], ["naive", "torch_lce", "ours_triton", "cce"]
 
     cases = []
     for head in args.heads:
@@ -129,8 +150,8 @@ def main(argv=None) -> None:
                 # Methods interleaved per shape (timing noise here is ~30% between runs far apart).
                 for method in ["gemm"] + args.methods:
                     case = dict(method=method, head=head, n=n, vocab=vocab, dim=args.dim, threads=args.threads,
-                                repeats=args.repeats)
-                    reason = skip_reason(method, n, vocab)
+                                repeats=args.repeats, device=args.device, dtype=args.dtype)
+                    reason = skip_reason(method, n, vocab, args.device, args.dtype)
                     if reason:
                         case["skip"] = reason
                     cases.append(case)

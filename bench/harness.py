@@ -75,6 +75,27 @@ def time_runs(step: Callable[[], None], repeats: int, warmup: int = 1) -> Dict[s
     }
 
 
+def time_runs_cuda(step: Callable[[], None], repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """:func:`time_runs` for CUDA work: synchronises around every run and reports the peak of
+    ``torch.cuda.max_memory_allocated`` over the memory allocated before the first call."""
+    import torch
+
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "times": times, "peak_extra_mib": (torch.cuda.max_memory_allocated() - baseline) / 2**20}
+
+
 def worker_main(measure: Callable[[dict], dict]) -> None:
     """Entry of a worker process: ``SCRIPT --worker '<case json>'`` prints one JSON line of results."""
     case = json.loads(sys.argv[sys.argv.index("--worker") + 1])
@@ -179,9 +200,15 @@ def available_memory_bytes() -> Optional[int]:
     return psutil.virtual_memory().available
 
 
-def memory_skip_reason(need_bytes: float) -> Optional[str]:
-    """Why a case needing ``need_bytes`` cannot run here (over 80% of the available memory), or None."""
-    available = available_memory_bytes()
+def memory_skip_reason(need_bytes: float, device: str = "cpu") -> Optional[str]:
+    """Why a case needing ``need_bytes`` cannot run here (over 80% of the available host memory, or of the
+    free GPU memory for ``device="cuda"``), or None."""
+    if device == "cuda":
+        import torch
+
+        available = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    else:
+        available = available_memory_bytes()
     if available is not None and need_bytes > 0.8 * available:
         return f"does not fit: needs ~{need_bytes / 2**30:.0f} GiB, {available / 2**30:.0f} GiB available"
     return None

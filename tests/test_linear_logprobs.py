@@ -287,7 +287,7 @@ def test_without_the_extension_auto_falls_back_to_torch_with_one_warning():
         "import sys, warnings, torch\n"
         "sys.modules['logo_kernels._C'] = None  # as if it had not been built\n"
         "import logo_kernels as lk\n"
-        "assert lk.available_backends() == ['auto', 'torch'], lk.available_backends()\n"
+        "assert 'cpp' not in lk.available_backends(), lk.available_backends()\n"
         "h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"

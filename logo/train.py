@@ -34,7 +34,8 @@ from .objective import packed_logo_loss
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss: training stops before the optimizer step; the last checkpoint stays valid."""
+    """A non-finite loss or gradient norm: training stops before the optimizer step; the last checkpoint
+    stays valid."""
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -169,6 +170,9 @@ def train(config: TrainConfig) -> dict:
     tokenizer = load_tokenizer(config, save_dir=os.path.join(run_dir, "tokenizer") if world.is_main else None)
     train_records, heldout_records = load_records(config, run_dir, world)
     train_examples, heldout = encode(train_records, tokenizer, config), encode(heldout_records, tokenizer, config)
+    if not train_examples:
+        raise ValueError(f"no training examples in {config.train_file or 'the synthetic task'} "
+                         "(synthetic_train must be >= 1)")
     model = load_model(config, tokenizer)
     if not config.deepspeed:
         model.to(world.device)

@@ -1,8 +1,8 @@
 """Held-out evaluation: preference accuracy (LOGO rewards) and retrieval exact match (greedy decoding).
 
 * preference accuracy: the share of (example, rejected) pairs whose chosen reward is higher (a tie, equal
-  within fp32 rounding, counts half), overall and per rejected slot (for the synthetic task slot 0 is the hallucination, slot 1 the
-  unfollowing answer);
+  within fp32 rounding, counts half), overall and per rejected slot (for the synthetic task slot 0 is
+  the hallucination, slot 1 the unfollowing answer);
 * exact match: the greedy continuation of the prompt (with the same synthesized positions as training,
   drawn from a fixed seed) equals the chosen response after stripping special tokens and whitespace.
 """

@@ -93,7 +93,7 @@ def test_template_without_system_role_gets_the_system_text_in_the_user_turn(toke
                             "{% if add_generation_prompt %}[assistant]{% endif %}")
     strict.eos_token = "[/]"
     head, context, tail, reply = prompt_pieces(strict, record())
-    assert head == "[user]Be brief.\n\n" and tail == "\n\nWhich chunk?[/][assistant]" and reply == "{}[/]"
+    assert head == "[user]Be brief.\n\n" and tail == "\n\nWhich chunk?[/][assistant]" and reply == ("", "[/]")
 
 
 def test_truncation_and_negatives(tokenizer):

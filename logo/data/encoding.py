@@ -66,8 +66,8 @@ def _chat_messages(tokenizer, record: PreferenceRecord, user: str) -> list:
         return [{"role": "user", "content": f"{record.system}\n\n{user}"}]
 
 
-def prompt_pieces(tokenizer, record: PreferenceRecord) -> Tuple[str, str, str, str]:
-    """(head text, context text, tail text, response template with ``{}`` for the response text)."""
+def prompt_pieces(tokenizer, record: PreferenceRecord) -> Tuple[str, str, str, Tuple[str, str]]:
+    """(head text, context text, tail text, (text before, text after) a response)."""
     context = "\n\n".join(record.context)
     if getattr(tokenizer, "chat_template", None):
         messages = _chat_messages(tokenizer, record, f"{_CONTEXT_MARK}\n\n{record.question}")
@@ -82,10 +82,10 @@ def prompt_pieces(tokenizer, record: PreferenceRecord) -> Tuple[str, str, str, s
         eos = tokenizer.eos_token
         if eos and eos in after:  # stop at the end-of-turn token: what follows it is never generated
             after = after[:after.index(eos) + len(eos)]
-        return head, context, tail, before + "{}" + after
+        return head, context, tail, (before, after)
     bos = (tokenizer.bos_token or "") if getattr(tokenizer, "bos_token_id", None) is not None else ""
     head = bos + (f"{record.system}\n\n" if record.system else "")
-    return head, context, f"\n\nQuestion: {record.question}\nAnswer:", " {}" + (tokenizer.eos_token or "")
+    return head, context, f"\n\nQuestion: {record.question}\nAnswer:", (" ", tokenizer.eos_token or "")
 
 
 def _truncate_middle(ids: List[int], limit: Optional[int]) -> List[int]:
@@ -103,13 +103,13 @@ def encode_record(record: PreferenceRecord, tokenizer, *, num_negatives: Optiona
     ``max_response_tokens`` (a cut response loses its end-of-turn token)."""
     if not use_chat_template and getattr(tokenizer, "chat_template", None):
         tokenizer = _PlainView(tokenizer)
-    head, context, tail, reply = prompt_pieces(tokenizer, record)
+    head, context, tail, (reply_before, reply_after) = prompt_pieces(tokenizer, record)
     rejected = record.rejected if num_negatives is None else record.rejected[:num_negatives]
     if num_negatives is not None and len(rejected) < num_negatives:
         raise ValueError(f"record {record.id!r}: {len(rejected)} rejected responses, need {num_negatives}")
     responses = []
     for text in (record.chosen, *rejected):
-        ids = _ids(tokenizer, reply.format(text))
+        ids = _ids(tokenizer, reply_before + text + reply_after)
         responses.append(ids if max_response_tokens is None else ids[:max_response_tokens])
     if any(not r for r in responses):
         raise ValueError(f"record {record.id!r}: a response encodes to no tokens")

@@ -157,3 +157,18 @@ def test_shipped_recipes_parse_and_fill_the_deepspeed_config(recipe, monkeypatch
     for name in ("zero2", "zero2_offload", "zero3_offload"):
         config.deepspeed = f"configs/{name}.json"
         assert deepspeed_config(config, World(size=2))["train_micro_batch_size_per_gpu"] == 1
+
+
+@pytest.mark.slow
+def test_embedded_default_run_raises_heldout_accuracy_by_20_points(tmp_path):
+    """The whole default run (~2 minutes on 2 cores): the acceptance bar of the embedded default."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "default"
+    subprocess.run([sys.executable, "-m", "logo.train", "--output-dir", str(out), "--no-progress"], check=True,
+                   capture_output=True, text=True, timeout=1200)
+    with open(out / "results.json") as handle:
+        results = json.load(handle)
+    assert results["after"]["accuracy"] - results["before"]["accuracy"] >= 0.20
+    assert results["after"]["accuracy_rejected_1"] >= 0.9  # the unfollowing answer is rejected

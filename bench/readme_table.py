@@ -34,39 +34,45 @@ def _efficiency(row) -> str:
     return f"{float(row['gemm_efficiency']):.2f}" if row.get("gemm_efficiency") else "–"
 
 
-def op_table() -> None:
-    rows = _rows("linear_logprobs*.csv", OP_LABELS)
-    print("| head | N | V | method | fwd+bwd s | × naive time | peak RSS MiB | × naive memory | GEMM eff. |")
-    print("| --- | --: | --: | --- | --: | --: | --: | --: | --: |")
-    key = lambda r: (_head_order(r), int(r["vocab"]), int(r["n"]), list(OP_LABELS).index(r["method"]))  # noqa: E731
+def _print_table(header: str, align: str, rows, key, cells) -> None:
+    """A markdown table: ``header`` / ``align`` are the column names and alignments ("|"-separated), then
+    one line per row sorted by ``key``, its cells given by ``cells(row)``."""
+    print(f"| {header} |")
+    print(f"| {align} |")
     for r in sorted(rows, key=key):
-        print(f"| {r.get('head', 'trainable')} | {r['n']} | {r['vocab']} | {OP_LABELS[r['method']]} | "
-              f"{float(r['median_s']):.2f} | {float(r['time_vs_naive']):.2f} | {float(r['peak_extra_mib']):.0f} | "
-              f"{float(r['memory_vs_naive']):.3f} | {_efficiency(r)} |")
+        print("| " + " | ".join(cells(r)) + " |")
+
+
+def _timing_cells(r, baseline: str):
+    return [f"{float(r['median_s']):.2f}", f"{float(r['time_vs_' + baseline]):.2f}",
+            f"{float(r['peak_extra_mib']):.0f}", f"{float(r['memory_vs_' + baseline]):.3f}"]
+
+
+def op_table() -> None:
+    _print_table("head | N | V | method | fwd+bwd s | × naive time | peak RSS MiB | × naive memory | GEMM eff.",
+                 "--- | --: | --: | --- | --: | --: | --: | --: | --:", _rows("linear_logprobs*.csv", OP_LABELS),
+                 key=lambda r: (_head_order(r), int(r["vocab"]), int(r["n"]), list(OP_LABELS).index(r["method"])),
+                 cells=lambda r: [r.get("head", "trainable"), r["n"], r["vocab"], OP_LABELS[r["method"]],
+                                  *_timing_cells(r, "naive"), _efficiency(r)])
 
 
 def loss_table() -> None:
-    rows = _rows("loss*.csv", LOSS_LABELS)
-    print("| head | T | V | M | method | fwd+bwd s | × naive time | peak RSS MiB | × naive memory |")
-    print("| --- | --: | --: | --: | --- | --: | --: | --: | --: |")
-    key = lambda r: (_head_order(r), int(r["vocab"]), int(r["negatives"]), int(r["tokens"]),  # noqa: E731
-                     list(LOSS_LABELS).index(r["method"]))
-    for r in sorted(rows, key=key):
-        print(f"| {r.get('head', 'trainable')} | {r['tokens']} | {r['vocab']} | {r['negatives']} | "
-              f"{LOSS_LABELS[r['method']]} | {float(r['median_s']):.2f} | {float(r['time_vs_naive']):.2f} | "
-              f"{float(r['peak_extra_mib']):.0f} | {float(r['memory_vs_naive']):.3f} |")
+    _print_table("head | T | V | M | method | fwd+bwd s | × naive time | peak RSS MiB | × naive memory",
+                 "--- | --: | --: | --: | --- | --: | --: | --: | --:", _rows("loss*.csv", LOSS_LABELS),
+                 key=lambda r: (_head_order(r), int(r["vocab"]), int(r["negatives"]), int(r["tokens"]),
+                                list(LOSS_LABELS).index(r["method"])),
+                 cells=lambda r: [r.get("head", "trainable"), r["tokens"], r["vocab"], r["negatives"],
+                                  LOSS_LABELS[r["method"]], *_timing_cells(r, "naive")])
 
 
 def step_table() -> None:
-    rows = _rows("step*.csv", STEP_LABELS)
-    print("| V | M | context | responses | method | step s | × authors time | peak RSS MiB | × authors memory |")
-    print("| --: | --: | --: | --: | --- | --: | --: | --: | --: |")
-    key = lambda r: (int(r["vocab"]), int(r["negatives"]), int(r["context"]),  # noqa: E731
-                     list(STEP_LABELS).index(r["method"]))
-    for r in sorted(rows, key=key):
-        print(f"| {r['vocab']} | {r['negatives']} | {r['context']} | {int(r['negatives']) + 1}×{r['response']} | "
-              f"{STEP_LABELS[r['method']]} | {float(r['median_s']):.2f} | {float(r['time_vs_authors']):.2f} | "
-              f"{float(r['peak_extra_mib']):.0f} | {float(r['memory_vs_authors']):.3f} |")
+    _print_table("V | M | context | responses | method | step s | × authors time | peak RSS MiB | × authors memory",
+                 "--: | --: | --: | --: | --- | --: | --: | --: | --:", _rows("step*.csv", STEP_LABELS),
+                 key=lambda r: (int(r["vocab"]), int(r["negatives"]), int(r["context"]),
+                                list(STEP_LABELS).index(r["method"])),
+                 cells=lambda r: [r["vocab"], r["negatives"], r["context"],
+                                  f"{int(r['negatives']) + 1}×{r['response']}", STEP_LABELS[r["method"]],
+                                  *_timing_cells(r, "authors")])
 
 
 if __name__ == "__main__":

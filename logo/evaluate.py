@@ -88,9 +88,9 @@ def retrieval_exact_match(model, tokenizer, examples: Sequence[EncodedExample], 
     for example in examples:
         positions = prompt_positions(example, synthesis, generator)
         generated = greedy_generate(model, example.prompt, positions, max_new_tokens=max_new_tokens, stop_ids=stop)
+        if tokenizer.eos_token_id in generated:  # the answer ends at the end-of-turn token
+            generated = generated[:generated.index(tokenizer.eos_token_id)]
         answer = tokenizer.decode(generated, skip_special_tokens=True)
-        if early_stop is False and tokenizer.eos_token_id in generated:
-            answer = tokenizer.decode(generated[:generated.index(tokenizer.eos_token_id)], skip_special_tokens=True)
         gold = tokenizer.decode(example.responses[0], skip_special_tokens=True)
         hits += _normalise(answer) == _normalise(gold)
     model.train(was_training)

@@ -11,7 +11,7 @@ No two programs write the same element, so the results are deterministic (no ato
 import triton
 import triton.language as tl
 
-from .tiles import cap_slope, capped, logits_tile
+from .tiles import add_product, cap_slope, capped, load_rows, logits_tile
 
 
 @triton.jit
@@ -59,16 +59,8 @@ def grad_hidden_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, glse_ptr, dh_
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
             d_mask = offs_d < D
-            w = tl.load(w_ptr + cols[:, None] * stride_w + offs_d[None, :],
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            out = dh_ptr + rows[:, None] * D + offs_d[None, :]
-            mask = row_mask[:, None] & d_mask[None, :]
-            acc = tl.load(out, mask=mask, other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(dx, w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(dx.to(w.dtype), w, acc)
-            tl.store(out, acc, mask=mask)
+            w = load_rows(w_ptr, cols, offs_d, stride_w, col_mask, d_mask)
+            add_product(dh_ptr, rows, offs_d, D, row_mask, d_mask, dx, w, DOT_FP32)
 
 
 @triton.jit
@@ -94,15 +86,7 @@ def grad_weight_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, glse_ptr, dw_
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
                 d_mask = offs_d < D
-                h = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :],
-                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                out = dw_ptr + cols[:, None] * D + offs_d[None, :]
-                mask = col_mask[:, None] & d_mask[None, :]
-                acc = tl.load(out, mask=mask, other=0.0)
-                if DOT_FP32:
-                    acc = tl.dot(tl.trans(dx), h.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(tl.trans(dx.to(h.dtype)), h, acc)
-                tl.store(out, acc, mask=mask)
+                h = load_rows(h_ptr, rows, offs_d, stride_h, row_mask, d_mask)
+                add_product(dw_ptr, cols, offs_d, D, col_mask, d_mask, tl.trans(dx), h, DOT_FP32)
     if NEED_DB:
         tl.store(db_ptr + cols, db, mask=col_mask)

@@ -29,6 +29,26 @@ def cap_slope(z, softcap):
 
 
 @triton.jit
+def load_rows(ptr, rows, offs_d, stride, row_mask, d_mask):
+    """tile[R, BLOCK_D] = ptr[rows, offs_d] of a row-major matrix (0 outside the masks)."""
+    return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def add_product(out_ptr, rows, offs_d, D, row_mask, d_mask, a, b, DOT_FP32: tl.constexpr):
+    """out[rows, offs_d] += a @ b in an fp32 [*, D] buffer whose rows this program owns (deterministic);
+    ``a`` is fp32, ``b`` in the input dtype (cast to fp32 with DOT_FP32, else ``a`` is cast to b's dtype)."""
+    out = out_ptr + rows[:, None] * D + offs_d[None, :]
+    mask = row_mask[:, None] & d_mask[None, :]
+    acc = tl.load(out, mask=mask, other=0.0)
+    if DOT_FP32:
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc)
+    tl.store(out, acc, mask=mask)
+
+
+@triton.jit
 def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w, inv_temp,
                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -37,10 +57,8 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         d_mask = offs_d < D
-        h = tl.load(h_ptr + rows[:, None] * stride_h + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0)
+        h = load_rows(h_ptr, rows, offs_d, stride_h, row_mask, d_mask)
+        w = load_rows(w_ptr, cols, offs_d, stride_w, col_mask, d_mask)
         if DOT_FP32:
             acc = tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:

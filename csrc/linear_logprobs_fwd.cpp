@@ -5,6 +5,13 @@
 // vocabulary slice (online log-sum-exp), and the target logit is picked from the tile that holds it.
 // After the parallel region the per-slice statistics are merged into the log-sum-exp.
 //
+// Optional per-token statistics, accumulated per slice the same way and merged at the end:
+//   entropy           H = log S - T / S, with S = sum e^(x-m) and T = sum e^(x-m) (x - m) (shifted by the
+//                     running max: no cancellation of large logits); on a new max m', T' = r (T + (m - m') S)
+//   log_sum_sq_probs  log sum e^(2(x-m)) - 2 log S   (rescaled by r^2)
+//   mean_logits       sum x / V
+//   is_top1           x_t >= max and max_{j < t} x_j < x_t  (the target is the first arg-max, as torch.argmax)
+//
 // With `with_basis`, the forward also returns the "gradient basis" Q = (softmax(x) * slope) @ W [N, D]
 // (slope = softcap derivative, 1 without softcap), accumulated online per slice exactly like the sum
 // of exponentials (rescaled whenever the running max grows). With it, dHidden for a frozen head is an
@@ -18,76 +25,136 @@
 
 namespace logo_kernels {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temperature, double softcap, int64_t block_tokens,
-    int64_t block_vocab, bool with_basis, int64_t workspace_bytes) {
+namespace {
+
+// Per-slice running statistics of all tokens: [slices, N] each (undefined when not asked for).
+struct SliceStats {
+  at::Tensor max, sum, ent, sq, xsum, max_before;
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& targets, double logit_scale, double inv_temperature, double softcap,
+                        int64_t block_tokens, int64_t block_vocab, bool with_basis, bool want_entropy,
+                        bool want_log_sum_sq, bool want_mean, bool want_top1, int64_t workspace_bytes) {
   check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
   const int64_t n = hidden.size(0);
   const int64_t dim = hidden.size(1);
   const int64_t vocab = weight.size(0);
   auto f32 = hidden.options().dtype(at::kFloat);
+  auto none = [&]() { return at::empty({0}, f32); };
   at::Tensor logp = at::empty({n}, f32);
   at::Tensor lse = at::empty({n}, f32);
-  at::Tensor basis = with_basis ? at::empty({n, dim}, f32) : at::empty({0}, f32);
-  if (n == 0) return {logp, lse, basis};
+  at::Tensor basis = with_basis ? at::empty({n, dim}, f32) : none();
+  at::Tensor entropy = want_entropy ? at::empty({n}, f32) : none();
+  at::Tensor log_sum_sq = want_log_sum_sq ? at::empty({n}, f32) : none();
+  at::Tensor mean_logits = want_mean ? at::empty({n}, f32) : none();
+  at::Tensor is_top1 = want_top1 ? at::empty({n}, hidden.options().dtype(at::kBool)) : at::empty({0}, at::kBool);
+  auto result = [&]() { return std::make_tuple(logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1); };
+  if (n == 0) return result();
 
   const at::Tensor h32 = hidden.detach().to(at::kFloat).contiguous();
   const at::Tensor w = weight.detach().contiguous();
   const at::Tensor b32 = bias.has_value() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = b32.defined() ? b32.data_ptr<float>() : nullptr;
   const int64_t* tgt = targets.data_ptr<int64_t>();
-  const LogitTransform tf{inv_temperature, softcap};
+  const LogitTransform tf{logit_scale, inv_temperature, softcap};
 
   const int64_t bn = std::min(block_tokens, n);
   const int64_t bv = std::min(block_vocab, vocab);
   const int64_t slices = num_vocab_slices(vocab, bv);
   const int64_t basis_bytes_per_token = with_basis ? slices * dim * static_cast<int64_t>(sizeof(float)) : 0;
   const int64_t sb = superblock_tokens(n, basis_bytes_per_token, bn, workspace_bytes);
-  // Running statistics per vocabulary slice; the floor keeps exp(m_old - m_new) finite when a whole
-  // tile is -inf (e.g. a bias that masks tokens out).
+  // The floor keeps exp(m_old - m_new) finite when a whole tile is -inf (e.g. a bias that masks tokens out).
   const float floor = std::numeric_limits<float>::lowest();
-  at::Tensor run_max = at::full({slices, n}, floor, f32);
-  at::Tensor run_sum = at::zeros({slices, n}, f32);
+  SliceStats st;
+  st.max = at::full({slices, n}, floor, f32);
+  st.sum = at::zeros({slices, n}, f32);
+  if (want_entropy) st.ent = at::zeros({slices, n}, f32);
+  if (want_log_sum_sq) st.sq = at::zeros({slices, n}, f32);
+  if (want_mean) st.xsum = at::zeros({slices, n}, f32);
+  if (want_top1) st.max_before = at::full({slices, n}, -std::numeric_limits<float>::infinity(), f32);
   at::Tensor target_logit = at::empty({n}, f32);
   float* tl = target_logit.data_ptr<float>();
+
+  const bool need_slope = with_basis && tf.has_softcap();       // in scratch
+  const bool need_exp_copy = want_entropy || want_log_sum_sq;  // e = exp(x - m) kept next to x - m
+  const int scratch_tiles = (need_slope ? 1 : 0) + (need_exp_copy ? 1 : 0);
 
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> basis_partial(slices);
-    const bool need_slope = with_basis && tf.has_softcap();
     walk_superblock(
-        h32, w, bias_ptr, tf, sb0, nsb, bn, bv, slices, need_slope,
+        h32, w, bias_ptr, tf, sb0, nsb, bn, bv, slices, scratch_tiles, need_slope,
         [&](int64_t s) {
           if (with_basis) basis_partial[s] = at::zeros({nsb, dim}, f32);
         },
         [&](const TileVisit& t) {
           at::Tensor& x = t.logits;
           const float* xp = x.data_ptr<float>();
+          float* max_before = want_top1 ? st.max_before.select(0, t.slice).data_ptr<float>() : nullptr;
           for (int64_t r = 0; r < t.cur_bn; ++r) {
             const int64_t target = tgt[t.n0 + r];
-            if (target >= t.v0 && target < t.v0 + t.cur_bv) tl[t.n0 + r] = xp[r * t.cur_bv + (target - t.v0)];
+            const float* row = xp + r * t.cur_bv;
+            if (target >= t.v0 && target < t.v0 + t.cur_bv) tl[t.n0 + r] = row[target - t.v0];
+            if (max_before != nullptr && target > t.v0) {
+              const int64_t k = std::min(target - t.v0, t.cur_bv);
+              float mb = max_before[t.n0 + r];
+              for (int64_t c = 0; c < k; ++c) mb = row[c] > mb ? row[c] : mb;
+              max_before[t.n0 + r] = mb;
+            }
           }
-          if (need_slope) softcap_slope(t.scratch, x, tf.softcap);
-          at::Tensor m_old = run_max.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
-          at::Tensor sum = run_sum.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
+          if (want_mean) st.xsum.select(0, t.slice).narrow(0, t.n0, t.cur_bn).add_(x.sum(1));
+          const at::Tensor& slope = t.scratch;
+          at::Tensor m_old = st.max.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
+          at::Tensor sum = st.sum.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
           at::Tensor m_new = at::maximum(m_old, x.amax(1)).clamp_min_(floor);  // amax: no argmax work
           const at::Tensor rescale = (m_old - m_new).exp_();
-          x.sub_(m_new.unsqueeze(1)).exp_();  // x <- exp(x - m_new)
-          sum.mul_(rescale).add_(x.sum(1));
+          x.sub_(m_new.unsqueeze(1));  // x <- y = x - m_new
+          at::Tensor e = x;
+          if (need_exp_copy) {  // e = exp(y) in a scratch tile, y kept in x
+            e = need_slope ? t.scratch2 : t.scratch;
+            at::exp_out(e, x);
+          } else {
+            x.exp_();
+          }
+          if (want_entropy) {  // T' = r (T + (m_old - m_new) S) + sum e * y  (where S > 0: no -inf * 0)
+            at::Tensor ent = st.ent.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
+            const at::Tensor shift = at::where(sum > 0, (m_old - m_new) * sum, at::zeros_like(sum));
+            ent.add_(shift).mul_(rescale).add_(x.clamp_min_(kLogZeroFloor).mul_(e).sum(1));
+          }
+          if (want_log_sum_sq) {
+            at::Tensor sq = st.sq.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
+            at::mul_out(x, e, e);
+            sq.mul_(rescale.square()).add_(x.sum(1));
+          }
+          sum.mul_(rescale).add_(e.sum(1));
           if (with_basis) {
-            if (need_slope) x.mul_(t.scratch);
-            basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1)).addmm_(x, t.w_tile);
+            if (need_slope) e.mul_(slope);
+            basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1)).addmm_(e, t.w_tile);
           }
           m_old.copy_(m_new);
         });
 
-    // Every slice has seen every vocabulary row of this superblock: its log-sum-exp is final.
-    const at::Tensor rmax = run_max.narrow(1, sb0, nsb);
+    // Every slice has seen every vocabulary row of this superblock: its statistics are final.
+    const at::Tensor rmax = st.max.narrow(1, sb0, nsb);
     const at::Tensor m = rmax.amax(0);
     const at::Tensor weights = (rmax - m.unsqueeze(0)).exp_();  // exp(m_s - m) per slice
+    const at::Tensor rsum = st.sum.narrow(1, sb0, nsb);
+    const at::Tensor total = (rsum * weights).sum(0);
     at::Tensor lse_sb = lse.narrow(0, sb0, nsb);
-    lse_sb.copy_(m + (run_sum.narrow(1, sb0, nsb) * weights).sum(0).log_());
+    lse_sb.copy_(m + total.log());
+    if (want_entropy) {  // T = sum_s w_s (T_s + (m_s - m) S_s);  H = log S - T / S
+      const at::Tensor shift = at::where(rsum > 0, (rmax - m.unsqueeze(0)) * rsum, at::zeros_like(rsum));
+      const at::Tensor t_all = ((st.ent.narrow(1, sb0, nsb) + shift) * weights).sum(0);
+      entropy.narrow(0, sb0, nsb).copy_(total.log() - t_all / total);
+    }
+    if (want_log_sum_sq) {
+      const at::Tensor q = (st.sq.narrow(1, sb0, nsb) * weights.square()).sum(0);
+      log_sum_sq.narrow(0, sb0, nsb).copy_(q.log() - 2.0 * total.log());
+    }
     if (with_basis) {  // Q = sum_s acc_s * exp(m_s - lse)
       const at::Tensor to_probs = (rmax - lse_sb.unsqueeze(0)).exp_();
       at::Tensor q = basis.narrow(0, sb0, nsb);
@@ -96,7 +163,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
     }
   }
   at::sub_out(logp, target_logit, lse);
-  return {logp, lse, basis};
+  if (want_mean) mean_logits.copy_(st.xsum.sum(0).div_(static_cast<double>(vocab)));
+  if (want_top1) {
+    const at::Tensor m_all = st.max.amax(0);
+    is_top1.copy_(target_logit.ge(m_all).logical_and_(st.max_before.amax(0).lt(target_logit)));
+  }
+  return result();
 }
 
 }  // namespace logo_kernels

@@ -18,20 +18,27 @@ void check_op_inputs(const at::Tensor& hidden, const at::Tensor& weight, const s
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "bias must be [V]");
   TORCH_CHECK(block_tokens > 0 && block_vocab > 0, "block sizes must be positive");
   TORCH_CHECK(weight.size(0) > 0, "vocabulary must not be empty");
+  if (targets.numel() > 0) {  // an id outside [0, V) would read past the head: never trust the caller
+    const auto range = at::aminmax(targets);
+    TORCH_CHECK(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < weight.size(0),
+                "targets must lie in [0, V) (ignored rows are removed before the kernel)");
+  }
 }
 
 }  // namespace logo_kernels
 
 TORCH_LIBRARY(logo_kernels, m) {
   m.def(
-      "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
-      "float softcap, int block_tokens, int block_vocab, bool with_basis, int workspace_bytes) "
-      "-> (Tensor logp, Tensor lse, Tensor basis)");
+      "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float logit_scale, "
+      "float inv_temperature, float softcap, int block_tokens, int block_vocab, bool with_basis, bool want_entropy, "
+      "bool want_log_sum_sq, bool want_mean, bool want_top1, int workspace_bytes) "
+      "-> (Tensor logp, Tensor lse, Tensor basis, Tensor entropy, Tensor log_sum_sq_probs, Tensor mean_logits, "
+      "Tensor is_top1)");
   m.def(
-      "linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_lse, Tensor hidden, Tensor weight, Tensor? bias, "
-      "Tensor targets, Tensor lse, float inv_temperature, float softcap, int block_tokens, int block_vocab, "
-      "bool need_hidden, bool need_weight, bool need_bias, int workspace_bytes) "
-      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor targets, Tensor lse, Tensor? entropy, float logit_scale, float inv_temperature, "
+      "float softcap, int block_tokens, int block_vocab, bool need_hidden, bool need_weight, bool need_bias, "
+      "int workspace_bytes) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(logo_kernels, CPU, m) {

@@ -21,12 +21,17 @@ namespace logo_kernels {
 // its ATen calls below the autograd keys (and the kernels detach their inputs).
 using BelowAutogradGuard = at::AutoDispatchBelowADInplaceOrView;
 
-// Logit transform applied after the GEMM: x = (h.w + b) * inv_temperature; if softcap > 0,
-// x = softcap * tanh(x / softcap).
+// Logit transform applied after the GEMM (the order of Hugging Face models and TRL):
+// x = softcap * tanh(logit_scale * (h.w + b) / softcap) * inv_temperature, without the tanh when softcap = 0.
 struct LogitTransform {
+  double logit_scale = 1.0;
   double inv_temperature = 1.0;
   double softcap = 0.0;  // 0 disables the cap
   bool has_softcap() const { return softcap > 0.0; }
+  // d x / d(h.w + b) without the softcap slope
+  double chain() const { return logit_scale * inv_temperature; }
+  // x = tanh(.) * cap_over_temperature()
+  double cap_over_temperature() const { return softcap * inv_temperature; }
 };
 
 // A worker's contiguous share of the vocabulary, in whole tiles.
@@ -64,47 +69,55 @@ inline at::Tensor weight_tile_fp32(const at::Tensor& weight, int64_t v0, int64_t
   return tile.scalar_type() == at::kFloat ? tile : tile.to(at::kFloat);
 }
 
-// out[bn, bv] = transform(h_block @ w_tile^T + bias[v0:v0+bv]); h_block and w_tile fp32 contiguous.
+// out[bn, bv] = transform(h_block @ w_tile^T + bias[v0:v0+bv]); h_block and w_tile fp32 contiguous. With a
+// defined `slope` (same shape) and a softcap, also slope = 1 - tanh^2(u) = 1 / cosh^2(u) of the pre-cap value
+// u = logit_scale * z / softcap: exact where the cap saturates (1 - tanh^2 from the capped logit would cancel to
+// noise there), and cosh^2 overflowing to inf gives the right 0.
 inline void compute_logits_tile(at::Tensor& out, const at::Tensor& h_block, const at::Tensor& w_tile,
-                                const float* bias, int64_t v0, const LogitTransform& tf) {
+                                const float* bias, int64_t v0, const LogitTransform& tf, at::Tensor* slope = nullptr) {
   at::mm_out(out, h_block, w_tile.t());
   const int64_t rows = out.size(0);
   const int64_t cols = out.size(1);
   float* x = out.data_ptr<float>();
-  const float inv_t = static_cast<float>(tf.inv_temperature);
-  const bool scale = tf.inv_temperature != 1.0;
-  if (bias != nullptr || scale) {
+  // without a softcap the scale and the temperature fold into one multiplier; with one, u = scale / cap * z
+  const double pre_d = tf.has_softcap() ? tf.logit_scale / tf.softcap : tf.chain();
+  const float pre = static_cast<float>(pre_d);
+  if (bias != nullptr || pre_d != 1.0) {
     for (int64_t r = 0; r < rows; ++r) {
       float* row = x + r * cols;
       if (bias != nullptr) {
         const float* b = bias + v0;
-        for (int64_t c = 0; c < cols; ++c) row[c] = (row[c] + b[c]) * inv_t;
+        for (int64_t c = 0; c < cols; ++c) row[c] = (row[c] + b[c]) * pre;
       } else {
-        for (int64_t c = 0; c < cols; ++c) row[c] *= inv_t;
+        for (int64_t c = 0; c < cols; ++c) row[c] *= pre;
       }
     }
   }
   if (tf.has_softcap()) {
-    const double cap = tf.softcap;
-    out.div_(cap).tanh_().mul_(cap);
+    if (slope != nullptr && slope->defined()) {
+      at::cosh_out(*slope, out);
+      slope->mul_(*slope).reciprocal_();
+    }
+    out.tanh_().mul_(tf.cap_over_temperature());
   }
 }
 
-// out = d(cap * tanh(z / cap)) / dz = 1 - (x / cap)^2, from the capped logits x (same shape).
-inline void softcap_slope(at::Tensor& out, const at::Tensor& x, double cap) {
-  at::div_out(out, x, cap);
-  out.mul_(out).neg_().add_(1.0);
-}
+// Below this a log-probability's exp is exactly 0 in fp32 (exp underflows under -104): clamping a log p
+// there before multiplying it by a finite coefficient changes no p * (...) product and keeps -inf (a token
+// masked by a -inf bias) from giving 0 * inf = NaN.
+constexpr double kLogZeroFloor = -200.0;
 
 // One visited tile: its coordinates, the transformed logits tile [cur_bn, cur_bv] (the visitor may
 // overwrite it), the fp32 weight tile [cur_bv, D] and hidden block [cur_bn, D], and a scratch tile of
-// the logits' shape when the walk was asked for one.
+// the logits' shape each (`scratch_tiles` of them: 0, 1 or 2) when the walk was asked for them; with
+// `slope_in_scratch` the first holds the softcap slope of the tile.
 struct TileVisit {
   int64_t slice, v0, cur_bv, n0, cur_bn;
   at::Tensor& logits;
   const at::Tensor& w_tile;
   const at::Tensor& h_block;
   at::Tensor& scratch;
+  at::Tensor& scratch2;
 };
 
 // The tile walk of both passes over the tokens [sb0, sb0 + nsb) of one superblock: workers own
@@ -114,14 +127,15 @@ struct TileVisit {
 // recomputes the forward's logits bitwise (softmax(x - lse) is exact where it should be).
 template <typename OnSlice, typename OnTile>
 void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bias, const LogitTransform& tf,
-                     int64_t sb0, int64_t nsb, int64_t bn, int64_t bv, int64_t slices, bool need_scratch,
-                     OnSlice&& on_slice, OnTile&& on_tile) {
+                     int64_t sb0, int64_t nsb, int64_t bn, int64_t bv, int64_t slices, int scratch_tiles,
+                     bool slope_in_scratch, OnSlice&& on_slice, OnTile&& on_tile) {
   const int64_t vocab = w.size(0);
   const auto f32 = h32.options().dtype(at::kFloat);
   at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
     const BelowAutogradGuard below_autograd;
     const at::Tensor buf = at::empty({bn * bv}, f32);
-    const at::Tensor scratch_buf = need_scratch ? at::empty({bn * bv}, f32) : at::Tensor();
+    const at::Tensor scratch_buf = scratch_tiles >= 1 ? at::empty({bn * bv}, f32) : at::Tensor();
+    const at::Tensor scratch2_buf = scratch_tiles >= 2 ? at::empty({bn * bv}, f32) : at::Tensor();
     for (int64_t s = s_begin; s < s_end; ++s) {
       on_slice(s);
       const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
@@ -132,10 +146,13 @@ void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bi
           const int64_t cur_bn = std::min(bn, sb0 + nsb - n0);
           const at::Tensor h_block = h32.narrow(0, n0, cur_bn);
           at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
-          compute_logits_tile(x, h_block, wt, bias, v0, tf);
-          at::Tensor scratch = need_scratch ? scratch_buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv})
-                                            : at::Tensor();
-          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, x, wt, h_block, scratch});
+          auto tile_of = [&](const at::Tensor& b) {
+            return b.defined() ? b.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv}) : at::Tensor();
+          };
+          at::Tensor scratch = tile_of(scratch_buf);
+          at::Tensor scratch2 = tile_of(scratch2_buf);
+          compute_logits_tile(x, h_block, wt, bias, v0, tf, slope_in_scratch ? &scratch : nullptr);
+          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, x, wt, h_block, scratch, scratch2});
         }
       }
     }

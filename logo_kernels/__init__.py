@@ -9,9 +9,9 @@ Face causal LM's backbone and applies the fused loss without computing its logit
 import torch  # noqa: F401  (libtorch must be loaded before the C++ extension)
 
 from .backends import available_backends
-from .linear_logprobs import linear_logprobs
+from .linear_logprobs import TokenStats, linear_logprobs
 from .losses import LogoLoss, LogoLossOutput, PreferenceLossOutput, logo_loss, preference_loss
 
 __version__ = "0.1.0"
-__all__ = ["linear_logprobs", "logo_loss", "LogoLoss", "LogoLossOutput", "preference_loss", "PreferenceLossOutput",
+__all__ = ["linear_logprobs", "TokenStats", "logo_loss", "LogoLoss", "LogoLossOutput", "preference_loss", "PreferenceLossOutput",
            "available_backends", "__version__"]

@@ -1,17 +1,37 @@
-"""Argument checks of the public ops: every message names the argument (and position) at fault."""
+"""Argument checks of the public ops, by class: every message names the argument (and position) at fault.
+
+Non-finite inputs (the policy, identical for every backend):
+
+* ``hidden`` and ``weight`` must be finite: a NaN or ±inf is a ``ValueError`` naming the first bad element;
+* ``bias`` may hold ``-inf`` (it removes tokens from the softmax, e.g. a vocabulary mask), not NaN or +inf,
+  and not ``-inf`` everywhere;
+* logits that overflow float32 (finite inputs whose products exceed ~3.4e38) are a ``FloatingPointError``
+  naming the first token: the op never returns a NaN for finite inputs. A target whose bias is ``-inf``
+  has probability 0: log-prob ``-inf``, as the materialised computation gives.
+"""
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Optional, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+OUTPUT_NAMES = ("logp", "lse", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def _require_tensor(name: str, value) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _position(flat_index: int, shape) -> str:
+    if not shape:
+        return ""
+    index = torch.unravel_index(torch.tensor(flat_index), tuple(shape))
+    return "[" + ", ".join(str(int(i)) for i in index) + "]"
 
 
 def check_linear_inputs(hidden, weight, targets, bias) -> None:
@@ -27,8 +47,8 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
-    if targets.dtype not in _INT_DTYPES:
-        raise TypeError(f"targets must be an integer tensor (int64), got {targets.dtype}")
+    if targets.dtype not in INT_DTYPES:
+        raise TypeError(f"targets must be an integer tensor (int64, int32, int16, int8 or uint8), got {targets.dtype}")
 
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
@@ -51,22 +71,87 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
         raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
 
 
-def check_transform(temperature: float, softcap: float | None) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+def check_finite_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """The non-finite policy of the module doc (one pass over each tensor)."""
+    for name, value in (("hidden", hidden), ("weight", weight)):
+        if value.device.type == "meta" or value.numel() == 0:
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            flat = int((~finite).reshape(-1).nonzero()[0, 0])
+            bad = value.reshape(-1)[flat].item()
+            raise ValueError(f"{name}{_position(flat, value.shape)} = {bad}: {name} must be finite (no NaN or inf)")
+    if bias is None or bias.device.type == "meta":
+        return
+    bad_mask = torch.isnan(bias) | (bias == float("inf"))
+    if bool(bad_mask.any()):
+        flat = int(bad_mask.nonzero()[0, 0])
+        raise ValueError(f"bias[{flat}] = {bias[flat].item()}: bias may hold -inf (a masked token) but not NaN or +inf")
+    if bool((bias == float("-inf")).all()):
+        raise ValueError("bias is -inf for every vocabulary entry: no token has a non-zero probability")
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return int(ignore_index)
+
+
+def _positive_finite(name: str, value, *, optional: bool = False) -> Optional[float]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        kind = "None or a finite number > 0" if optional else "a finite number > 0"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return float(value)
+
+
+def check_transform(temperature, softcap, logit_scale=1.0) -> None:
+    _positive_finite("temperature", temperature)
+    _positive_finite("softcap", softcap, optional=True)
+    _positive_finite("logit_scale", logit_scale)
+
+
+def check_outputs(outputs) -> Optional[tuple]:
+    """``outputs``: None or a non-empty sequence of distinct names from OUTPUT_NAMES -> a tuple."""
+    if outputs is None:
+        return None
+    if isinstance(outputs, str) or not isinstance(outputs, Sequence) or not outputs:
+        raise TypeError(f"outputs must be None or a non-empty tuple of names from {OUTPUT_NAMES}, got {outputs!r}")
+    unknown = [o for o in outputs if o not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"outputs: unknown name(s) {unknown}; choose from {OUTPUT_NAMES}")
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs names a statistic twice: {tuple(outputs)}")
+    return tuple(outputs)
+
+
+def canonical_targets(targets: torch.Tensor) -> torch.Tensor:
+    """int64 targets, converted *before* any comparison: comparing a small-int tensor to a Python int wraps the
+    int to the tensor's dtype (uint8 156 == -100), which would let out-of-range ids through."""
+    return targets if targets.dtype == torch.int64 else targets.to(torch.int64)
 
 
 def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise ValueError naming the first target outside [0, vocab) that is not ignore_index."""
+    """Raise ValueError naming the first target outside [0, vocab) that is not ignore_index (int64 targets)."""
+    assert targets.dtype == torch.int64, "convert with canonical_targets first"
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if not bool(bad.any()):
         return
     flat = int(bad.reshape(-1).nonzero()[0, 0])
-    position = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(targets.shape)))
-    index = ", ".join(map(str, position))
     value = int(targets.reshape(-1)[flat])
     raise ValueError(
-        f"targets[{index}] = {value} is outside [0, V={vocab}) and is not ignore_index ({ignore_index})"
+        f"targets{_position(flat, targets.shape)} = {value} is outside [0, V={vocab}) and is not ignore_index "
+        f"({ignore_index})"
     )
+
+
+def check_finite_lse(lse: torch.Tensor, kept: torch.Tensor) -> None:
+    """Finite inputs whose logits overflow float32 give a non-finite log-sum-exp: refuse to return it."""
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):
+        row = int(kept[bad.nonzero()[0, 0]])
+        raise FloatingPointError(
+            f"the logits of token {row} overflow float32 (|logit| > 3.4e38, log-sum-exp {lse[bad][0].item()}): "
+            "scale hidden/weight down (finite inputs never give NaN here; a materialised computation would)"
+        )

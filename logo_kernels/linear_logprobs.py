@@ -1,49 +1,117 @@
 """``linear_logprobs``: per-token log-probabilities of targets straight from hidden states and the LM head.
 
 The [tokens x vocab] logits are never materialised: a backend computes them tile by tile, keeps only the
-log-sum-exp per token, and recomputes the tiles in the backward.
+per-token statistics (log-sum-exp, and on request entropy, log sum p^2, mean logit, top-1), and recomputes
+the tiles in the backward.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import functools
+import os
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._validation import check_linear_inputs, check_target_range, check_transform
-from .backends import Backend, GradsNeeded, LogitTransform, resolve_backend
+from . import _zero3
+from ._validation import (canonical_targets, check_finite_inputs, check_finite_lse, check_ignore_index,
+                          check_linear_inputs, check_outputs, check_target_range, check_transform)
+from .backends import Backend, GradsNeeded, KernelOptions, LogitTransform, resolve_backend
+
+#: Environment default of ``deterministic`` (the Triton backward without atomics); "0" selects the faster one.
+DETERMINISTIC_ENV = "LOGO_KERNELS_DETERMINISTIC"
 
 
-def _grad_hidden_from_basis(grad_logp, grad_lse, target_rows, logp, lse, basis,
+class TokenStats(NamedTuple):
+    """Per-token outputs of :func:`linear_logprobs` with ``outputs=(...)``; fields not asked for are None.
+
+    logp, lse, entropy (of softmax of the transformed logits) are float32 and differentiable (gradients of
+    all three compose); log_sum_sq_probs = log sum_v p_v^2, mean_logits (over the vocabulary, transformed)
+    float32 and is_top1 (the target is the first arg-max) bool are not differentiable. All are 0 / False at
+    ignored targets.
+    """
+
+    logp: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+
+
+def _target_slopes(hidden, target_rows, bias, targets, transform: LogitTransform) -> Optional[torch.Tensor]:
+    """The softcap slope at each target logit, from its pre-cap value (fp32 [n]); None without a softcap."""
+    if transform.softcap is None:
+        return None
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    z = (hidden.to(acc) * target_rows.to(acc)).sum(dim=1)
+    if bias is not None:
+        z = z + bias.index_select(0, targets).to(acc)
+    return transform.slope_of_pre_cap(transform.pre_cap(z))
+
+
+def _grad_hidden_from_basis(grad_logp, grad_lse, target_rows, target_slopes, basis,
                             transform: LogitTransform) -> torch.Tensor:
-    """dHidden of a frozen head without a GEMM: (g * slope_t * W[t] + (g_lse - g) * Q) / temperature.
+    """dHidden of a frozen head without a GEMM: (g * slope_t * W[t] + (g_lse - g) * Q) * chain.
 
-    From dL/dx = g * onehot + (g_lse - g) * softmax, times the softcap slope, over the temperature, and
-    dH = dL/dx @ W, with Q = (softmax * slope) @ W computed by the forward and target_rows = W[t] saved by
-    it. slope_t is the softcap slope at the target logit x_t = logp + lse (1 without softcap).
+    From dL/dx = g * onehot + (g_lse - g) * softmax, times the softcap slope and logit_scale / temperature,
+    and dH = dL/dz @ W, with Q = (softmax * slope) @ W computed by the forward and target_rows = W[t] and the
+    target slopes saved by it (1 without softcap).
     """
     acc = basis.dtype
     g = grad_logp.to(acc)
     coef_basis = -g if grad_lse is None else grad_lse.to(acc) - g
-    coef_target = g
-    if transform.softcap is not None:
-        coef_target = g * transform.softcap_slope(logp + lse)
+    coef_target = g if target_slopes is None else g * target_slopes.to(acc)
     d_h = torch.addcmul(coef_basis[:, None] * basis, coef_target[:, None], target_rows.to(acc))
-    return d_h / transform.temperature if transform.temperature != 1.0 else d_h
+    return d_h * transform.chain if transform.chain != 1.0 else d_h
+
+
+_SECOND_ORDER = ("linear_logprobs is differentiable once: its gradients carry no graph, so double backward "
+                 "(create_graph=True, gradient penalties) through it is not supported")
+
+
+def _first_order_only(backward):
+    """Like torch's ``once_differentiable``, but the gradients it returns under ``create_graph=True`` always carry
+    a node that raises :data:`_SECOND_ORDER` when differentiated — even when nothing upstream requires grad (where
+    ``once_differentiable`` returns plain tensors and the user gets an unrelated "does not require grad")."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
+        if not tensors:
+            return outputs
+        guarded = torch._C._functions.DelayedError(_SECOND_ORDER, len(tensors))(
+            *[outputs[i].detach().requires_grad_() for i in tensors])
+        outputs = list(outputs)
+        for i, value in zip(tensors, guarded if isinstance(guarded, tuple) else (guarded,)):
+            outputs[i] = value
+        return tuple(outputs)
+
+    return wrapper
+
+
+_STAT_FIELDS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] -> logp [N], lse [N] (fp32).
+    """hidden [N, D], weight [V, D], bias [V] | None, targets [N] int64 -> (logp, lse, entropy, log_sum_sq_probs,
+    mean_logits, is_top1) [N] (None where not requested).
 
-    Rows whose target is ``ignore_index`` are compacted away before the backend runs and get 0 in both
-    outputs; their gradients are 0. When only ``hidden`` needs a gradient (a frozen LM head, as under
-    LoRA) the forward also computes the gradient basis Q [n, D] fp32 and keeps the target rows W[t], so
-    that the backward is elementwise and reads neither the weight (which may be re-partitioned by then, as
-    under ZeRO-3) nor hidden: two GEMMs' worth of work in all instead of three, for ~n*D*6 bytes kept.
+    Rows whose target is ``ignore_index`` are compacted away before the backend runs and get 0 in every output;
+    their gradients are 0. When only ``hidden`` needs a gradient (a frozen LM head, as under LoRA) the forward
+    also computes the gradient basis Q [n, D] fp32 and keeps the target rows W[t], so that the backward of logp
+    and lse is elementwise and reads neither the weight nor hidden: two GEMMs' worth of work in all instead of
+    three. An entropy gradient needs the logits again: it takes the recomputing backward (the basis would need a
+    second [n, D] accumulator and a third GEMM in the forward, costing what the recomputation costs).
+    Under ZeRO-3 the head is gathered in the forward and again in a recomputing backward.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int, transform: LogitTransform,
-                backend: Backend, chunk_size: Optional[int]):
+                backend: Backend, options: KernelOptions, stats: frozenset):
         n = hidden.shape[0]
         kept = (targets != ignore_index).nonzero().squeeze(1)
         compact = kept.numel() != n
@@ -51,54 +119,68 @@ class _LinearLogprobs(torch.autograd.Function):
         t = targets.index_select(0, kept) if compact else targets
         frozen_head = (ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
                        and not (bias is not None and ctx.needs_input_grad[2]))
+        with _zero3.gathered(weight, bias):
+            rows = backend.forward(h.contiguous(), weight.contiguous(), bias, t.contiguous(), transform, options,
+                                   with_basis=frozen_head, stats=stats)
+            check_finite_lse(rows.lse, kept)
+            target_rows = weight.index_select(0, t) if frozen_head else None
+            target_slopes = _target_slopes(h, target_rows, bias, t, transform) if frozen_head else None
 
-        logp_kept, lse_kept, basis = backend.forward(h.contiguous(), weight.contiguous(), bias, t.contiguous(),
-                                                     transform, chunk_size, with_basis=frozen_head)
-        if compact:  # scatter back; ignored rows keep 0
-            logp = logp_kept.new_zeros(n).index_copy_(0, kept, logp_kept)
-            lse = lse_kept.new_zeros(n).index_copy_(0, kept, lse_kept)
-        else:  # the saved tensors are never handed out: in-place edits of outputs cannot corrupt them
-            logp, lse = logp_kept.clone(), lse_kept.clone()
+        def scatter(x):  # ignored rows get 0; saved tensors are never handed out (in-place edits cannot corrupt them)
+            if x is None:
+                return None
+            return x.new_zeros(n).index_copy_(0, kept, x) if compact else x.clone()
 
-        if frozen_head:  # the backward needs Q and W[t]: neither W nor hidden is kept
-            ctx.save_for_backward(None, None, None, t, kept, logp_kept, lse_kept, basis, weight.index_select(0, t))
-        else:
-            ctx.save_for_backward(hidden, weight, bias, t, kept, logp_kept, lse_kept, None, None)
+        outputs = tuple(scatter(x) for x in (rows.logp, rows.lse) + tuple(getattr(rows, f) for f in _STAT_FIELDS))
+
+        # the recomputing backward reads hidden and weight: saved unless the frozen head's entropy-free path suffices
+        keep_inputs = not frozen_head or "entropy" in stats
+        partitioned = _zero3.is_partitioned(weight) or _zero3.is_partitioned(bias)
+        saved_weight, saved_bias = (weight, bias) if keep_inputs and not partitioned else (None, None)
+        ctx.save_for_backward(hidden if keep_inputs else None, saved_weight, saved_bias, t, kept, rows.lse,
+                              rows.entropy, rows.basis, target_rows, target_slopes)
+        ctx.partitioned_head = (weight, bias) if keep_inputs and partitioned else None  # parameters, not activations
         ctx.hidden_meta = (hidden.shape, hidden.dtype, hidden.device)
         ctx.has_bias = bias is not None
         ctx.compact = compact
-        ctx.transform, ctx.backend, ctx.chunk_size = transform, backend, chunk_size
+        ctx.transform, ctx.backend, ctx.options = transform, backend, options
+        ctx.mark_non_differentiable(*(x for x in outputs[3:] if x is not None))
         ctx.set_materialize_grads(False)
-        return logp, lse
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_lse):
-        hidden, weight, bias, t, kept, logp_kept, lse_kept, basis, target_rows = ctx.saved_tensors
+    @_first_order_only
+    def backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
+        hidden, weight, bias, t, kept, lse_kept, entropy_kept, basis, target_rows, target_slopes = ctx.saved_tensors
+        if ctx.partitioned_head is not None:
+            weight, bias = ctx.partitioned_head
         needed = GradsNeeded(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                              ctx.has_bias and ctx.needs_input_grad[2])
         hidden_shape, hidden_dtype, device = ctx.hidden_meta
-        if not needed.any or (grad_logp is None and grad_lse is None):
-            zeros = lambda x, want: torch.zeros_like(x) if want else None  # noqa: E731
-            d_h = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device) if needed.hidden else None
-            return (d_h, zeros(weight, needed.weight), zeros(bias, needed.bias)) + (None,) * 5
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(grad_lse)
+        grads_in = (grad_logp, grad_lse, grad_entropy)
+        if not needed.any or all(g is None for g in grads_in):
+            return (None,) * 9  # None: a zero gradient
 
         select = (lambda x: x.index_select(0, kept)) if ctx.compact else (lambda x: x)  # noqa: E731
-        g_logp = select(grad_logp).contiguous()
-        g_lse = None if grad_lse is None else select(grad_lse).contiguous()
+        g_logp = torch.zeros_like(lse_kept) if grad_logp is None else select(grad_logp).float().contiguous()
+        g_lse = None if grad_lse is None else select(grad_lse).float().contiguous()
+        g_entropy = None if grad_entropy is None else select(grad_entropy).float().contiguous()
 
-        if basis is not None:  # frozen head: elementwise, no recomputation
-            d_h, d_w, d_b = _grad_hidden_from_basis(g_logp, g_lse, target_rows, logp_kept, lse_kept, basis,
+        if basis is not None and g_entropy is None:  # frozen head: elementwise, no recomputation
+            d_h, d_w, d_b = _grad_hidden_from_basis(g_logp, g_lse, target_rows, target_slopes, basis,
                                                     ctx.transform).to(hidden_dtype), None, None
         else:
-            d_h, d_w, d_b = ctx.backend.backward(
-                g_logp, g_lse, select(hidden).contiguous(), weight.contiguous(), bias, t.contiguous(), lse_kept,
-                ctx.transform, ctx.chunk_size, needed,
-            )
+            with _zero3.gathered(weight, bias):
+                d_h, d_w, d_b = ctx.backend.backward(
+                    g_logp, g_lse, g_entropy, select(hidden).contiguous(), weight.contiguous(), bias,
+                    t.contiguous(), lse_kept, entropy_kept, ctx.transform, ctx.options, needed)
         if d_h is not None and ctx.compact:
             d_h = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device).index_copy_(0, kept, d_h)
-        return d_h, d_w, d_b, None, None, None, None, None
+        return (d_h, d_w, d_b) + (None,) * 6
+
+
+def _deterministic_default() -> bool:
+    return os.environ.get(DETERMINISTIC_ENV, "1").strip().lower() not in ("0", "false", "no")
 
 
 def linear_logprobs(
@@ -110,42 +192,68 @@ def linear_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     return_lse: bool = False,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Log-probability of each target token under ``softmax(hidden @ weight.T + bias)``, fused.
+    outputs: Optional[Sequence[str]] = None,
+    deterministic: Optional[bool] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], TokenStats]:
+    """Log-probability of each target token under ``softmax(x)``, fused, with
+    ``x = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature``.
 
     Args:
-        hidden: [..., D] float32 / bfloat16 / float16 (float64 with backend "torch", for gradcheck).
+        hidden: [..., D] float32 / bfloat16 / float16 (float64 with backend "torch", for gradcheck); finite.
             ``hidden[..., t, :]`` predicts ``targets[..., t]`` (shift before calling).
-        weight: [V, D], same dtype as ``hidden`` (the LM head).
-        targets: [...] integer class ids in [0, V), or ``ignore_index``.
-        bias: optional [V], same dtype as ``weight``.
-        ignore_index: targets equal to it get log-prob 0 and zero gradient; they cost no compute.
-        temperature: logits are divided by it.
-        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (after the temperature).
-        backend: "auto" (C++ on CPU when built, else chunked torch), "torch", "cpp" or "triton".
+        weight: [V, D], same dtype as ``hidden`` (the LM head); finite. A DeepSpeed ZeRO-3 partitioned
+            parameter is gathered for the forward and for a recomputing backward.
+        targets: [...] integer class ids (any integer dtype) in [0, V), or ``ignore_index``.
+        bias: optional [V], same dtype as ``weight``; may hold -inf (masked tokens), not NaN / +inf.
+        ignore_index: targets equal to it get 0 in every output and zero gradient; they cost no compute.
+        temperature: logits are divided by it (after the softcap, as sampling does).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma 2/3's final softcap).
+        logit_scale: multiplies the logits before the softcap (Cohere, Granite, ... ``config.logit_scale``).
+        backend: "auto" (CUDA -> Triton, CPU -> C++ when built, else chunked torch), "torch", "cpp", "triton".
         chunk_size: tokens per chunk / tile; None picks one that bounds working memory.
-        return_lse: also return the log-sum-exp of the (transformed) logits, 0 at ignored targets.
+        return_lse: (with ``outputs=None``) also return the log-sum-exp of the transformed logits.
+        outputs: None (the classic return), or names from ``("logp", "lse", "entropy", "log_sum_sq_probs",
+            "mean_logits", "is_top1")``: returns a :class:`TokenStats` with those fields set.
+        deterministic: Triton backward without atomics (default: env ``LOGO_KERNELS_DETERMINISTIC``, else True);
+            the other backends are always deterministic.
 
     Returns:
-        float32 [...] log-probs (float64 for float64 inputs); with ``return_lse`` a pair (logp, lse).
-        Differentiable w.r.t. hidden, weight and bias for any upstream gradient of logp and lse; the
-        gradients come back in the dtypes of their inputs, accumulated in fp32.
+        float32 [...] log-probs (float64 for float64 inputs); with ``return_lse`` a pair (logp, lse); with
+        ``outputs`` a :class:`TokenStats`. Differentiable w.r.t. hidden, weight and bias for any upstream gradient
+        of logp, lse and entropy (once: double backward raises); gradients come back in the input dtypes,
+        accumulated in fp32.
+
+    Raises:
+        TypeError / ValueError naming the argument (and position) at fault; FloatingPointError if finite
+        inputs overflow float32 logits. See :mod:`logo_kernels._validation` for the non-finite policy.
     """
     check_linear_inputs(hidden, weight, targets, bias)
-    check_transform(temperature, softcap)
-    check_target_range(targets, weight.shape[0], ignore_index)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+    check_transform(temperature, softcap, logit_scale)
+    ignore_index = check_ignore_index(ignore_index)
+    wanted = check_outputs(outputs)
+    if wanted is not None and return_lse:
+        raise TypeError("return_lse applies to outputs=None only; ask for outputs=('logp', 'lse') instead")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be None or a bool, got {deterministic!r}")
+    targets = canonical_targets(targets)
+    check_target_range(targets, weight.shape[0], ignore_index)
+    check_finite_inputs(hidden, weight, bias)
     impl = resolve_backend(backend, hidden.device, hidden.dtype)
 
     lead_shape = targets.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1).to(torch.int64)
-    transform = LogitTransform(float(temperature), None if softcap is None else float(softcap))
-    logp, lse = _LinearLogprobs.apply(flat_hidden, weight, bias, flat_targets, ignore_index, transform, impl,
-                                      chunk_size)
-    logp = logp.view(lead_shape)
-    return (logp, lse.view(lead_shape)) if return_lse else logp
+    transform = LogitTransform(float(temperature), None if softcap is None else float(softcap), float(logit_scale))
+    options = KernelOptions(chunk_size, _deterministic_default() if deterministic is None else deterministic)
+    stats = frozenset(wanted or ()) & frozenset(_STAT_FIELDS)
+    results = _LinearLogprobs.apply(flat_hidden, weight, bias, targets.reshape(-1), ignore_index, transform, impl,
+                                    options, stats)
+    results = [None if x is None else x.view(lead_shape) for x in results]
+    if wanted is None:
+        return (results[0], results[1]) if return_lse else results[0]
+    return TokenStats(**{name: value for name, value in zip(TokenStats._fields, results) if name in wanted})

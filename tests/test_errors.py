@@ -86,3 +86,107 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
     assert "backend='triton' runs on CUDA tensors" in out and "TRITON_INTERPRET=1" in out
 
 
+
+
+# ---- validation by class (issue: no silent wrong answers) ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_small_integer_targets_are_range_checked_as_integers(backend, dtype):
+    """uint8 156 is not -100 (comparing a uint8 tensor with -100 wraps it to 156): it is out of range."""
+    hidden, weight = torch.randn(4, 8), torch.randn(100, 8)
+    high = 156 if dtype == torch.uint8 else 120
+    targets = torch.tensor([high, 1, 2, 3]).to(dtype)
+    with pytest.raises(ValueError, match=rf"targets\[0\] = {high} is outside \[0, V=100\)"):
+        lk.linear_logprobs(hidden, weight, targets, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_valid_small_integer_targets_are_accepted(backend, dtype):
+    hidden, weight = torch.randn(4, 8), torch.randn(300, 8)
+    values = [120, 1, 2, 3] if dtype != torch.uint8 else [250, 1, 2, 3]
+    expected = lk.linear_logprobs(hidden, weight, torch.tensor(values), backend=backend)
+    got = lk.linear_logprobs(hidden, weight, torch.tensor(values).to(dtype), backend=backend)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_bool_targets_and_bool_ignore_index_are_refused():
+    hidden, weight, targets = args()
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        lk.linear_logprobs(hidden, weight, targets.bool())
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        lk.linear_logprobs(hidden, weight, targets, ignore_index=True)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        lk.linear_logprobs(hidden, weight, targets, ignore_index=-100.0)
+
+
+def test_double_backward_is_a_clear_error(backend):
+    """A gradient penalty through the op would silently get no second-order term: it raises instead."""
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    logp = lk.linear_logprobs(hidden, weight, torch.randint(0, 11, (5,)), backend=backend)
+    (grad,) = torch.autograd.grad(logp.sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once: its gradients carry no graph"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("where", ["hidden", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_hidden_or_weight_is_refused(backend, where, value):
+    hidden, weight, targets = args()
+    (hidden if where == "hidden" else weight)[2, 1] = value
+    with pytest.raises(ValueError, match=rf"{where}\[2, 1\] = {value}: {where} must be finite"):
+        lk.linear_logprobs(hidden, weight, targets, backend=backend)
+
+
+def test_bias_policy_minus_inf_masks_nan_and_plus_inf_refused(backend):
+    hidden, weight, targets = args()
+    bias = torch.zeros(10)
+    bias[9] = float("-inf")
+    targets = targets % 9
+    logp = lk.linear_logprobs(hidden, weight, targets, bias, backend=backend)
+    reference = torch.log_softmax(hidden @ weight[:9].T, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, reference, rtol=1e-5, atol=1e-5)
+    masked_target = lk.linear_logprobs(hidden, weight, torch.full((6,), 9), bias, backend=backend)
+    assert torch.isneginf(masked_target).all()  # probability 0, as the materialised computation says
+    for bad, message in ((float("nan"), "not NaN or \\+inf"), (float("inf"), "not NaN or \\+inf")):
+        bias[3] = bad
+        with pytest.raises(ValueError, match=rf"bias\[3\] = .*{message}"):
+            lk.linear_logprobs(hidden, weight, targets, bias, backend=backend)
+    with pytest.raises(ValueError, match="bias is -inf for every vocabulary entry"):
+        lk.linear_logprobs(hidden, weight, targets, torch.full((10,), float("-inf")), backend=backend)
+
+
+def test_logits_that_overflow_float32_are_refused_not_nan(backend):
+    hidden, weight, targets = args()
+    hidden[3] = 1e30
+    with pytest.raises(FloatingPointError, match="logits of token 3 overflow float32"):
+        lk.linear_logprobs(hidden, weight * 1e15, targets, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(logit_scale=0.0), ValueError, "logit_scale must be a finite number > 0"),
+    (dict(logit_scale=float("inf")), ValueError, "logit_scale must be a finite number > 0"),
+    (dict(temperature=True), ValueError, "temperature must be a finite number > 0"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be None or a finite number > 0"),
+    (dict(outputs="logp"), TypeError, "outputs must be None or a non-empty tuple"),
+    (dict(outputs=()), TypeError, "outputs must be None or a non-empty tuple"),
+    (dict(outputs=("logp", "entropy", "logp")), ValueError, "names a statistic twice"),
+    (dict(outputs=("logits",)), ValueError, r"unknown name\(s\) \['logits'\]"),
+    (dict(outputs=("logp",), return_lse=True), TypeError, "return_lse applies to outputs=None only"),
+    (dict(chunk_size=True), ValueError, "chunk_size must be a positive int"),
+    (dict(deterministic="yes"), TypeError, "deterministic must be None or a bool"),
+])
+def test_more_option_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        lk.linear_logprobs(*args(), **kwargs)
+
+
+def test_token_stats_fields_and_non_differentiable_outputs(backend):
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(10, 8)
+    targets = torch.tensor([1, 2, -100, 4, 5, 6])
+    out = lk.linear_logprobs(hidden, weight, targets, outputs=("entropy", "is_top1"), backend=backend)
+    assert isinstance(out, lk.TokenStats) and out.logp is None and out.lse is None
+    assert out.entropy.requires_grad and not out.is_top1.requires_grad and out.is_top1.dtype == torch.bool
+    assert out.entropy[2] == 0 and not out.is_top1[2]
+    out.entropy.sum().backward()  # entropy alone carries a gradient
+    assert hidden.grad is not None and hidden.grad[2].abs().sum() == 0

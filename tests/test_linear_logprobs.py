@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import logo_kernels as lk
-from reference import Result, assert_close_to_reference, materialized
+from reference import Result, assert_close_to_reference, materialized, top1_margin
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -24,42 +24,66 @@ def make_inputs(n, vocab, dim, *, dtype=torch.float32, bias=True, ignore_frac=0.
     return cast(hidden), cast(weight), targets, cast(b), grad_logp
 
 
-def run_fused(hidden, weight, targets, bias, grad_logp, grad_lse=None, train_head=True, **kwargs) -> Result:
-    """Fused op with autograd; ``train_head=False`` freezes weight and bias (LoRA): their grads are None."""
+ALL_OUTPUTS = ("logp", "lse", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def run_fused(hidden, weight, targets, bias, grad_logp, grad_lse=None, train_head=True, grad_entropy=None,
+              **kwargs) -> Result:
+    """Fused op with autograd, every output asked for; ``train_head=False`` freezes weight and bias (LoRA): their
+    grads are None. The objective is sum(g * logp + g_lse * lse + g_H * entropy)."""
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_(train_head)
     b = None if bias is None else bias.detach().clone().requires_grad_(train_head)
-    logp, lse = lk.linear_logprobs(h, w, targets, b, return_lse=True, **kwargs)
-    assert logp.dtype == torch.float32 and lse.dtype == torch.float32
-    objective = (logp * grad_logp).sum()
+    out = lk.linear_logprobs(h, w, targets, b, outputs=ALL_OUTPUTS, **kwargs)
+    assert out.logp.dtype == torch.float32 and out.lse.dtype == torch.float32 and out.is_top1.dtype == torch.bool
+    assert not (out.log_sum_sq_probs.requires_grad or out.mean_logits.requires_grad or out.is_top1.requires_grad)
+    objective = (out.logp * grad_logp).sum()
     if grad_lse is not None:
-        objective = objective + (lse * grad_lse).sum()
+        objective = objective + (out.lse * grad_lse).sum()
+    if grad_entropy is not None:
+        objective = objective + (out.entropy * grad_entropy).sum()
     objective.backward()
     for grad, src in ((h.grad, hidden), (w.grad, weight), (None if b is None else b.grad, bias)):
         if grad is not None:
             assert grad.dtype == src.dtype, "gradients must come back in the input dtype"
-    return Result(logp.detach(), lse.detach(), h.grad, w.grad, None if b is None else b.grad)
+    stats = {name: getattr(out, name).detach() for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
+    return Result(out.logp.detach(), out.lse.detach(), h.grad, w.grad, None if b is None else b.grad, stats)
+
+
+def assert_top1_matches(ours: Result, truth: Result, hidden, weight, bias, **transform):
+    """is_top1 equals fp64's wherever the two largest logits are not within fp32 rounding of each other."""
+    margin = top1_margin(hidden, weight, bias, **transform).reshape(ours.logp.shape)
+    clear = margin > 1e-4 * (1 + truth.lse.abs())
+    assert torch.equal(ours.stats["is_top1"][clear], truth.stats["is_top1"][clear]), "is_top1 differs"
+
+
+STATS = ("entropy", "log_sum_sq_probs", "mean_logits")
 
 
 @functools.lru_cache(maxsize=8)
-def references(n, vocab, dim, dtype, bias, temperature, softcap, with_lse_grad, seed=0):
+def references(n, vocab, dim, dtype, bias, temperature, softcap, with_lse_grad, seed=0, logit_scale=1.0,
+               with_entropy_grad=False):
     """(inputs, fp64 truth, naive same-dtype) for one case; shared by the backends."""
     hidden, weight, targets, b, grad_logp = make_inputs(n, vocab, dim, dtype=dtype, bias=bias, seed=seed)
     grad_lse = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)) if with_lse_grad else None
-    kw = dict(grad_logp=grad_logp, grad_lse=grad_lse, temperature=temperature, softcap=softcap)
+    grad_entropy = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)) if with_entropy_grad else None
+    kw = dict(grad_logp=grad_logp, grad_lse=grad_lse, grad_entropy=grad_entropy, temperature=temperature,
+              softcap=softcap, logit_scale=logit_scale)
     truth = materialized(hidden, weight, targets, b, dtype=torch.float64, **kw)
     naive = materialized(hidden, weight, targets, b, dtype=None, **kw)
-    return (hidden, weight, targets, b, grad_logp, grad_lse), truth, naive
+    return (hidden, weight, targets, b, grad_logp, grad_lse, grad_entropy), truth, naive
 
 
 @pytest.mark.parametrize("dim", [1, 8, 64])
 @pytest.mark.parametrize("vocab", [1, 17, 1000, 32003])
 @pytest.mark.parametrize("n", [1, 7, 257, 1000])
 def test_shape_matrix_fp32(backend, n, vocab, dim):
-    (hidden, weight, targets, b, g, _), truth, naive = references(n, vocab, dim, torch.float32, True, 1.0, None,
-                                                                  False)
+    (hidden, weight, targets, b, g, _, _), truth, naive = references(n, vocab, dim, torch.float32, True, 1.0, None,
+                                                                     False)
     ours = run_fused(hidden, weight, targets, b, g, backend=backend)
-    assert_close_to_reference(ours, truth, naive, torch.float32)
+    assert_close_to_reference(ours, truth, naive, torch.float32, names=("logp", "lse", "d_hidden", "d_weight",
+                                                                         "d_bias") + STATS)
+    assert_top1_matches(ours, truth, hidden, weight, b)
 
 
 OPTIONS = {
@@ -67,7 +91,10 @@ OPTIONS = {
     "bias": dict(bias=True, temperature=1.0, softcap=None, with_lse_grad=False),
     "temperature": dict(bias=True, temperature=0.7, softcap=None, with_lse_grad=False),
     "softcap": dict(bias=False, temperature=1.0, softcap=4.0, with_lse_grad=False),
-    "softcap+temperature+lse_grad": dict(bias=True, temperature=1.3, softcap=6.0, with_lse_grad=True),
+    "logit_scale": dict(bias=True, temperature=1.0, softcap=None, with_lse_grad=False, logit_scale=0.4),
+    "entropy_grad": dict(bias=True, temperature=1.0, softcap=None, with_lse_grad=False, with_entropy_grad=True),
+    "everything": dict(bias=True, temperature=1.3, softcap=6.0, with_lse_grad=True, logit_scale=2.5,
+                       with_entropy_grad=True),
 }
 
 
@@ -75,20 +102,23 @@ OPTIONS = {
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_and_options(backend, dtype, option, head):
-    """A frozen head (LoRA) takes the gradient-basis path: same results, no weight/bias gradients."""
+    """Every output and gradient vs fp64; a frozen head (LoRA) takes the gradient-basis path (with an entropy
+    gradient: the recomputing one): same results, no weight/bias gradients."""
     opts = OPTIONS[option]
-    (hidden, weight, targets, b, g, g_lse), truth, naive = references(257, 1000, 64, dtype, **opts)
-    ours = run_fused(hidden, weight, targets, b, g, g_lse, train_head=head == "trainable", backend=backend,
-                     temperature=opts["temperature"], softcap=opts["softcap"])
-    names = ("logp", "lse", "d_hidden") + (("d_weight", "d_bias") if head == "trainable" else ())
+    (hidden, weight, targets, b, g, g_lse, g_ent), truth, naive = references(257, 1000, 64, dtype, **opts)
+    transform = dict(temperature=opts["temperature"], softcap=opts["softcap"], logit_scale=opts.get("logit_scale", 1.0))
+    ours = run_fused(hidden, weight, targets, b, g, g_lse, train_head=head == "trainable", grad_entropy=g_ent,
+                     backend=backend, **transform)
+    names = ("logp", "lse", "d_hidden") + (("d_weight", "d_bias") if head == "trainable" else ()) + STATS
     assert_close_to_reference(ours, truth, naive, dtype, names=names)
+    assert_top1_matches(ours, truth, hidden, weight, b, **transform)
     if head == "frozen":
         assert ours.d_weight is None and ours.d_bias is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_vocab_half_precision(backend, dtype):
-    (hidden, weight, targets, b, g, _), truth, naive = references(100, 32003, 64, dtype, True, 1.0, None, False)
+    (hidden, weight, targets, b, g, _, _), truth, naive = references(100, 32003, 64, dtype, True, 1.0, None, False)
     ours = run_fused(hidden, weight, targets, b, g, backend=backend)
     assert_close_to_reference(ours, truth, naive, dtype)
 
@@ -233,17 +263,19 @@ def test_frozen_head_backward_needs_no_backend_backward(backend, monkeypatch):
 @pytest.mark.skipif("cpp" not in lk.available_backends(), reason="C++ extension not built")
 @pytest.mark.parametrize("softcap", [0.0, 7.0])
 def test_cpp_superblocks_match_single_pass(softcap):
-    """A tiny workspace forces token superblocks in the forward (basis) and the backward (dH partials)."""
+    """A tiny workspace forces token superblocks in the forward (basis, statistics) and the backward (dH partials)."""
     hidden, weight, targets, bias, g = make_inputs(300, 5000, 32, ignore_frac=0.0, seed=15)
-    grad_lse = torch.randn(300)
+    grad_lse, grad_entropy = torch.randn(300), torch.randn(300)
     fwd, bwd = torch.ops.logo_kernels.linear_logprobs_fwd, torch.ops.logo_kernels.linear_logprobs_bwd
     results = []
     for workspace in (1 << 30, 1):  # one superblock; superblocks of one 16-token block
-        logp, lse, basis = fwd(hidden, weight, bias, targets, 0.8, softcap, 16, 512, True, workspace)
-        grads = bwd(g, grad_lse, hidden, weight, bias, targets, lse, 0.8, softcap, 16, 512, True, True, True,
-                    workspace)
-        results.append((logp, lse, basis) + tuple(grads))
-    for name, a, b in zip(["logp", "lse", "basis", "d_h", "d_w", "d_b"], *results):
+        outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, softcap, 16, 512, True, True, True, True, True,
+                      workspace)
+        grads = bwd(g, grad_lse, grad_entropy, hidden, weight, bias, targets, outputs[1], outputs[3], 1.7, 0.8,
+                    softcap, 16, 512, True, True, True, workspace)
+        results.append(tuple(outputs) + tuple(grads))
+    names = ["logp", "lse", "basis", "entropy", "log_sum_sq", "mean", "top1", "d_h", "d_w", "d_b"]
+    for name, a, b in zip(names, *results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 

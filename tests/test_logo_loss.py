@@ -231,9 +231,55 @@ def test_preference_loss_single_negative_shapes_and_chosen_nll():
     (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing is not defined"),
     (dict(loss_type="robust", label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
     (dict(loss_type="kto"), "loss_type must be one of"),
-    (dict(beta=0.0), "beta must be > 0"),
+    (dict(beta=0.0), "beta must be a finite number > 0"),
 ])
 def test_preference_loss_errors(kwargs, message):
     chosen, rejected, _, _ = _random_logps()
     with pytest.raises(ValueError, match=message):
         lk.preference_loss(chosen.float(), rejected.float(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta=float("inf")), "beta must be a finite number > 0"),
+    (dict(beta=-2.0), "beta must be a finite number > 0"),
+    (dict(gamma=float("nan")), "gamma must be a finite number"),
+    (dict(sft_weight=-1.0), "sft_weight must be a finite number >= 0"),
+    (dict(label_smoothing=float("nan")), "label_smoothing must be a finite number >= 0"),
+    (dict(label_smoothing=-0.1), "label_smoothing must be a finite number >= 0"),
+])
+def test_hyperparameters_are_validated_by_class(kwargs, message):
+    chosen, rejected, _, _ = _random_logps()
+    with pytest.raises(ValueError, match=message):
+        lk.preference_loss(chosen, rejected, **kwargs)
+    hidden, weight, targets, cu, _ = make_batch(1, 2)
+    with pytest.raises(ValueError, match=message):
+        lk.logo_loss(hidden, weight, targets, cu, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        lk.LogoLoss(**kwargs)  # refused at construction, before any training step
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("chosen", float("nan"), r"chosen_logps\[2\] = nan: log-probabilities must be finite"),
+    ("rejected", float("-inf"), r"rejected_logps\[2, 1\] = -inf: log-probabilities must be finite"),
+    ("chosen", 3.5, r"chosen_logps\[2\] = 3.5 > 0: log-probabilities are <= 0"),
+])
+def test_log_probabilities_are_finite_and_not_positive(where, value, message):
+    chosen, rejected, _, _ = _random_logps()
+    if where == "chosen":
+        chosen[2] = value
+    else:
+        rejected[2, 1] = value
+    with pytest.raises(ValueError, match=message):
+        lk.preference_loss(chosen, rejected)
+    with pytest.raises(TypeError, match="chosen_logps must be a floating torch.Tensor"):
+        lk.preference_loss(torch.zeros(5, dtype=torch.long), rejected)
+
+
+def test_bool_cu_seqlens_and_bool_num_negatives_are_refused():
+    hidden, weight, targets, cu, _ = make_batch(1, 2)
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D integer tensor"):
+        lk.logo_loss(hidden, weight, targets, cu.bool())
+    with pytest.raises(ValueError, match="num_negatives must be an int >= 1"):
+        lk.logo_loss(hidden, weight, targets, cu, num_negatives=True)
+    with pytest.raises(ValueError, match="num_negatives must be an int >= 1"):
+        lk.LogoLoss(num_negatives=0)

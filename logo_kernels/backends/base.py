@@ -1,38 +1,68 @@
 """What every backend of the fused linear -> log-prob op implements.
 
-Backends see compacted inputs only: hidden [n, D] and weight [V, D] contiguous, of one dtype; bias [V] or
-None; targets [n] int64, all in [0, V). They return fp32 (fp64 for fp64 inputs) logp and lse [n], and
-gradients in the dtypes of their inputs (None for a gradient not asked for).
+Backends see compacted, validated inputs only: hidden [n, D] and weight [V, D] contiguous, of one dtype;
+bias [V] or None; targets [n] int64, all in [0, V). They return fp32 (fp64 for fp64 inputs) per-token
+statistics and gradients in the dtypes of their inputs (None for a gradient not asked for).
 
-With ``with_basis`` the forward also returns the gradient basis Q = (softmax(x) * slope) @ W [n, D]
-(fp32; slope = the softcap derivative 1 - (x/cap)^2, or 1), from which the dHidden of a frozen head is
-elementwise: dH = (g * slope_t * W[t] + (g_lse - g) * Q) / temperature.
+The logits are ``x = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature`` (:class:`LogitTransform`,
+the order of Hugging Face models and TRL: the model's own scale and softcap, then the sampling temperature).
+
+With ``with_basis`` the forward also returns the gradient basis Q = (softmax(x) * slope) @ W [n, D] (fp32;
+slope = the derivative of the softcap, 1 without), from which the dHidden of a frozen head is elementwise:
+dH = (g * slope_t * W[t] + (g_lse - g) * Q) * logit_scale / temperature.
+
+Gradient w.r.t. the logits (every backend): with g, g_lse, g_H the upstream gradients of logp, lse and
+entropy H, p = softmax(x) and log p = x - lse,
+
+    dL/dx_j = g * 1[j = t] + p_j * (a + c * log p_j),   a = g_lse - g - g_H * H,   c = -g_H
+
+(dH/dx_j = -p_j (log p_j + H)), then times ``d x / d(hidden @ weight.T + bias)`` = logit_scale * slope / temperature.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Tuple
+from typing import FrozenSet, Optional, Protocol, Tuple
 
 import torch
 
 Grads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
+#: Per-token statistics a forward can compute besides logp and lse (each only when asked for).
+EXTRA_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
 
 @dataclass(frozen=True)
 class LogitTransform:
-    """logits = (hidden @ weight.T + bias) / temperature, then softcap * tanh(logits / softcap) if set."""
+    """x = softcap * tanh(logit_scale * z / softcap) / temperature with z = hidden @ weight.T + bias
+    (no tanh when ``softcap`` is None)."""
 
     temperature: float = 1.0
     softcap: Optional[float] = None
+    logit_scale: float = 1.0
 
     @property
     def kernel_softcap(self) -> float:
         """The softcap as the C++ / Triton kernels take it: 0.0 for none."""
         return 0.0 if self.softcap is None else float(self.softcap)
 
-    def softcap_slope(self, capped: torch.Tensor) -> torch.Tensor:
-        """d(softcap * tanh(z / softcap)) / dz = 1 - (x / softcap)^2, from the capped logits x."""
-        return 1.0 - (capped / self.softcap).square()
+    @property
+    def inv_temperature(self) -> float:
+        return 1.0 / self.temperature
+
+    @property
+    def chain(self) -> float:
+        """d x / d(capped logit) times d(scaled logit) / dz, without the softcap slope: logit_scale / temperature."""
+        return self.logit_scale / self.temperature
+
+    def pre_cap(self, z: torch.Tensor) -> torch.Tensor:
+        """u = logit_scale * z / softcap, the argument of the tanh."""
+        return z * (self.logit_scale / self.softcap)
+
+    @staticmethod
+    def slope_of_pre_cap(u: torch.Tensor) -> torch.Tensor:
+        """1 - tanh(u)^2 = 1 / cosh(u)^2: exact where the cap saturates (1 - tanh^2 from the capped value cancels
+        to noise there); cosh^2 overflowing to inf gives the right 0."""
+        return torch.cosh(u).square_().reciprocal_()
 
 
 @dataclass(frozen=True)
@@ -46,13 +76,45 @@ class GradsNeeded:
         return self.hidden or self.weight or self.bias
 
 
+@dataclass(frozen=True)
+class KernelOptions:
+    """chunk_size: tokens per chunk / tile (None: the backend's choice); deterministic: the Triton backward
+    without atomics (the other backends are always deterministic)."""
+
+    chunk_size: Optional[int] = None
+    deterministic: bool = True
+
+
+@dataclass
+class RowStats:
+    """The forward's per-token outputs (fp32 [n]; is_top1 bool [n]); None where not computed."""
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    basis: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+
+
 class Backend(Protocol):
     name: str
+    label: str  # what a user installs or builds to get it ("C++ extension", "Triton")
 
-    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, chunk_size: Optional[int],
-                with_basis: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """-> (logp [n], lse [n], basis [n, D] or None)."""
+    def missing_reason(self) -> Optional[str]:
+        """Why this backend is not installed / built here, or None."""
 
-    def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
-                 chunk_size: Optional[int], needed: GradsNeeded) -> Grads:
-        """grad_logp [n] fp32, grad_lse [n] fp32 or None -> (d_hidden, d_weight, d_bias)."""
+    def unsupported(self, device: torch.device, dtype: torch.dtype) -> Optional[Exception]:
+        """The error to raise when this backend is asked to run ``dtype`` tensors on ``device`` and cannot
+        (RuntimeError: not installed; ValueError: device; TypeError: dtype), or None."""
+
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
+                with_basis: bool = False, stats: FrozenSet[str] = frozenset()) -> RowStats:
+        """Per-token logp, lse and the requested ``stats`` (a subset of EXTRA_STATS); basis with ``with_basis``."""
+
+    def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded) -> Grads:
+        """grad_logp [n] fp32; grad_lse, grad_entropy [n] fp32 or None (entropy [n] given with grad_entropy)
+        -> (d_hidden, d_weight, d_bias)."""
+

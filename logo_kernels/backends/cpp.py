@@ -6,11 +6,11 @@ registered here so torch.compile can trace through the ops without running them.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional, Tuple
+from typing import FrozenSet, Optional
 
 import torch
 
-from .base import GradsNeeded, Grads, LogitTransform
+from .base import GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
 
 #: Token rows per tile GEMM (``chunk_size`` overrides it). One size for both passes: the backward then
 #: recomputes bitwise the logits of the forward (same GEMM shapes), so softmax(x - lse) is exact where
@@ -44,15 +44,18 @@ def unavailable_reason() -> Optional[str]:
 if is_available():
 
     @torch.library.register_fake("logo_kernels::linear_logprobs_fwd")
-    def _fwd_fake(hidden, weight, bias, targets, inv_temperature, softcap, block_tokens, block_vocab, with_basis,
-                  workspace_bytes):
+    def _fwd_fake(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap, block_tokens, block_vocab,
+                  with_basis, want_entropy, want_log_sum_sq, want_mean, want_top1, workspace_bytes):
         n = hidden.shape[0]
+        row = lambda want, dtype=torch.float32: hidden.new_empty(n if want else 0, dtype=dtype)  # noqa: E731
         basis = hidden.new_empty((n, hidden.shape[1]) if with_basis else (0,), dtype=torch.float32)
-        return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32), basis
+        return (row(True), row(True), basis, row(want_entropy), row(want_log_sum_sq), row(want_mean),
+                row(want_top1, torch.bool))
 
     @torch.library.register_fake("logo_kernels::linear_logprobs_bwd")
-    def _bwd_fake(grad_logp, grad_lse, hidden, weight, bias, targets, lse, inv_temperature, softcap,
-                  block_tokens, block_vocab, need_hidden, need_weight, need_bias, workspace_bytes):
+    def _bwd_fake(grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy, logit_scale,
+                  inv_temperature, softcap, block_tokens, block_vocab, need_hidden, need_weight, need_bias,
+                  workspace_bytes):
         return (
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
@@ -60,28 +63,46 @@ if is_available():
         )
 
 
-
 class CppBackend:
     name = "cpp"
+    label = "C++ extension"
 
     def __init__(self, block_vocab: int = DEFAULT_BLOCK_VOCAB, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):
         self.block_vocab = block_vocab
         self.workspace_bytes = workspace_bytes
 
-    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, chunk_size: Optional[int],
-                with_basis: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        logp, lse, basis = torch.ops.logo_kernels.linear_logprobs_fwd(
-            hidden, weight, bias, targets, 1.0 / transform.temperature, transform.kernel_softcap,
-            chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab, with_basis, self.workspace_bytes,
-        )
-        return logp, lse, basis if with_basis else None
+    def missing_reason(self) -> Optional[str]:
+        return _LOAD_ERROR
 
-    def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
-                 chunk_size: Optional[int], needed: GradsNeeded) -> Grads:
+    def unsupported(self, device: torch.device, dtype: torch.dtype) -> Optional[Exception]:
+        if _LOAD_ERROR is not None:
+            return RuntimeError(f"backend='cpp' requested but the C++ extension is not available: {_LOAD_ERROR}")
+        if device.type != "cpu":
+            return ValueError(f"backend='cpp' runs on CPU tensors only, got device {device}")
+        if dtype == torch.float64:
+            return TypeError("backend='cpp' accumulates in fp32 and takes float32/bfloat16/float16 inputs; "
+                             "use backend='torch' for float64")
+        return None
+
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
+                with_basis: bool = False, stats: FrozenSet[str] = frozenset()) -> RowStats:
+        logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1 = torch.ops.logo_kernels.linear_logprobs_fwd(
+            hidden, weight, bias, targets, transform.logit_scale, transform.inv_temperature, transform.kernel_softcap,
+            options.chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab, with_basis, "entropy" in stats,
+            "log_sum_sq_probs" in stats, "mean_logits" in stats, "is_top1" in stats, self.workspace_bytes,
+        )
+        pick = lambda x, name: x if name in stats else None  # noqa: E731
+        return RowStats(logp, lse, basis if with_basis else None, pick(entropy, "entropy"),
+                        pick(log_sum_sq, "log_sum_sq_probs"), pick(mean_logits, "mean_logits"),
+                        pick(is_top1, "is_top1"))
+
+    def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded) -> Grads:
+        as_f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
         grads = torch.ops.logo_kernels.linear_logprobs_bwd(
-            grad_logp.float().contiguous(), None if grad_lse is None else grad_lse.float().contiguous(),
-            hidden, weight, bias, targets, lse, 1.0 / transform.temperature, transform.kernel_softcap,
-            chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab,
-            needed.hidden, needed.weight, needed.bias, self.workspace_bytes,
+            as_f32(grad_logp), as_f32(grad_lse), as_f32(grad_entropy), hidden, weight, bias, targets, lse,
+            as_f32(entropy) if grad_entropy is not None else None, transform.logit_scale,
+            transform.inv_temperature, transform.kernel_softcap, options.chunk_size or DEFAULT_BLOCK_TOKENS,
+            self.block_vocab, needed.hidden, needed.weight, needed.bias, self.workspace_bytes,
         )
         return tuple(g if want else None for g, want in zip(grads, (needed.hidden, needed.weight, needed.bias)))

@@ -1,20 +1,26 @@
 """Triton GPU backend: launches the kernels of :mod:`logo_kernels.triton_kernels`.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set before
-``logo_kernels`` is imported) — that is how the kernels are tested without a GPU. Tile sizes come from a
-small heuristic: on a GPU 64 tokens x 128 vocabulary x 64 features per tile; under the interpreter,
-whose cost grows with programs x loop iterations, the largest blocks the shape allows.
+``logo_kernels`` is imported) — that is how the kernels are tested without a GPU. Tiles come from
+:mod:`logo_kernels.triton_kernels.configs` (one table for sm_80 / sm_90 and bf16 / fp16 / fp32; timed by
+``triton.autotune`` with ``LOGO_KERNELS_AUTOTUNE=1``); under the interpreter, whose cost grows with programs x
+loop iterations, the largest blocks the shape allows. ``chunk_size`` caps the token block.
+
+The backward has two schedules (``KernelOptions.deterministic``): owned rows, no atomics, the logits recomputed
+twice (default); or one recomputation with fp32 atomic adds (8 instead of 10 N·V·D FLOPs per forward+backward).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import FrozenSet, Optional
 
 import torch
 
-from .base import GradsNeeded, Grads, LogitTransform
+from .base import GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
+
+AUTOTUNE_ENV = "LOGO_KERNELS_AUTOTUNE"
 
 
 def interpreting() -> bool:
@@ -31,27 +37,12 @@ def is_available() -> bool:
     return unavailable_reason() is None
 
 
-def _pow2(x: int, low: int, high: int) -> int:
-    p = 1 << max(0, (int(x) - 1).bit_length())
-    return max(low, min(high, p))
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
-@dataclass(frozen=True)
-class Blocks:
-    tokens: int
-    vocab: int
-    features: int
-
-
-def choose_blocks(n: int, vocab: int, dim: int, chunk_size: Optional[int]) -> Blocks:
-    """Tile sizes (powers of two >= 16, as tl.dot requires); ``chunk_size`` caps the token block."""
-    if interpreting():
-        blocks = Blocks(_pow2(n, 16, 128), _pow2(vocab, 16, 1024), _pow2(dim, 16, 128))
-    else:
-        blocks = Blocks(_pow2(n, 16, 64), _pow2(vocab, 16, 128), _pow2(dim, 16, 64))
-    if chunk_size is not None:
-        blocks = Blocks(_pow2(min(chunk_size, blocks.tokens), 16, blocks.tokens), blocks.vocab, blocks.features)
-    return blocks
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -59,93 +50,177 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+def _autotune() -> bool:
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
 
-def _launch_grad_hidden(grad_logp, grad_lse, hidden, weight, bias, targets, lse, inv_temperature, softcap,
-                        blocks: Blocks) -> torch.Tensor:
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, dtype_name: str, reset: tuple):
+    """``triton.autotune`` over the config table, keyed on the shape (N in power-of-two buckets)."""
+    import triton
+
+    from ..triton_kernels import backward, forward
+    from ..triton_kernels.configs import GPU_CONFIGS
+
+    fn = {"forward": forward.forward_kernel, "grad_hidden": backward.grad_hidden_kernel,
+          "grad_weight": backward.grad_weight_kernel, "grad_fused": backward.grad_fused_kernel}[kernel_name]
+    configs = [triton.Config(c.as_dict() | ({"GROUP_N": c.group_n} if kernel_name == "grad_fused" else {}),
+                             num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in GPU_CONFIGS[(kernel_name, dtype_name)]]
+    return triton.autotune(configs, key=["N_BUCKET", "V", "D"], reset_to_zero=list(reset))(fn)
+
+
+def _launch(kernel_name: str, fn, grid, args: dict, constexprs: dict, dtype: torch.dtype, n: int, vocab: int,
+            dim: int, chunk_size: Optional[int], reset: tuple = ()) -> None:
+    """Launches ``fn`` with the tiles of the config table (or autotuned, or the interpreter's); ``grid(meta)``
+    maps the block sizes to the grid."""
+    from ..triton_kernels.configs import default_config, interpreter_blocks, shrink_to_shape
+
+    args = dict(args, N_BUCKET=1 << max(0, n - 1).bit_length())
+    if _autotune() and chunk_size is None:
+        _tuned(kernel_name, _dtype_name(dtype), reset)[grid](**args, **constexprs)
+        return
+    config = interpreter_blocks(n, vocab, dim) if interpreting() else \
+        shrink_to_shape(default_config(kernel_name, _dtype_name(dtype)), n, vocab, dim)
+    blocks = config.as_dict()
+    if chunk_size is not None:
+        from ..triton_kernels.configs import _pow2
+
+        blocks["BLOCK_N"] = _pow2(min(chunk_size, blocks["BLOCK_N"]), 16, blocks["BLOCK_N"])
+    if kernel_name == "grad_fused":
+        blocks["GROUP_N"] = config.group_n
+    launch_options = {} if interpreting() else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    fn[grid(blocks)](**args, **constexprs, **blocks, **launch_options)
+
+
+def _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap):
+    n, dim = hidden.shape
+    return dict(h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, t_ptr=targets, N=n,
+                V=weight.shape[0], D=dim, stride_h=hidden.stride(0), stride_w=weight.stride(0),
+                logit_scale=logit_scale, inv_temp=inv_temperature, softcap=softcap or 1.0)
+
+
+def _common_flags(hidden, bias, softcap):
+    return dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, DOT_FP32=_dot_fp32(hidden.dtype))
+
+
+def _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weight, bias, targets, lse, logit_scale,
+                        inv_temperature, softcap, chunk_size) -> torch.Tensor:
     from ..triton_kernels.backward import grad_hidden_kernel
 
     n, dim = hidden.shape
     grad = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return grad
-    grad_hidden_kernel[(triton_cdiv(n, blocks.tokens),)](
-        hidden, weight, bias if bias is not None else hidden, targets, lse, grad_logp,
-        grad_lse if grad_lse is not None else grad_logp, grad, n, weight.shape[0], dim, hidden.stride(0),
-        weight.stride(0), inv_temperature, softcap or 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-        HAS_GLSE=grad_lse is not None, DOT_FP32=_dot_fp32(hidden.dtype), BLOCK_N=blocks.tokens,
-        BLOCK_V=blocks.vocab, BLOCK_D=blocks.features)
+    args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
+    args.update(lse_ptr=lse, g_ptr=grad_logp, glse_ptr=grad_lse if grad_lse is not None else grad_logp,
+                gent_ptr=grad_entropy if grad_entropy is not None else grad_logp,
+                ent_ptr=entropy if grad_entropy is not None else grad_logp, dh_ptr=grad)
+    flags = dict(_common_flags(hidden, bias, softcap), HAS_GLSE=grad_lse is not None, HAS_ENT=grad_entropy is not None)
+    _launch("grad_hidden", grad_hidden_kernel, lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),), args, flags,
+            hidden.dtype, n, weight.shape[0], dim, chunk_size, reset=("dh_ptr",))
     return grad
 
 
 # The launches are custom operators, so torch.compile treats them as opaque calls (softcap 0 = none).
 @torch.library.custom_op("logo_kernels::triton_linear_logprobs_fwd", mutates_args=())
 def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                   inv_temperature: float, softcap: float, block_tokens: int, block_vocab: int, block_features: int,
-                   with_basis: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (logp [n] fp32, lse [n] fp32, basis [n, D] fp32 or [0])."""
+                   logit_scale: float, inv_temperature: float, softcap: float, chunk_size: int, with_basis: bool,
+                   want_entropy: bool, want_log_sum_sq: bool, want_mean: bool, want_top1: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor]:
+    """-> (logp, lse, basis [n, D] or [0], entropy, log_sum_sq_probs, mean_logits, is_top1 (bool)), [0] where not
+    asked for. ``chunk_size`` 0 = the table's token block."""
     from ..triton_kernels.forward import forward_kernel
 
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    blocks = Blocks(block_tokens, block_vocab, block_features)
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    row = lambda want: torch.empty(n if want else 0, **f32)  # noqa: E731
+    logp, lse = row(True), row(True)
+    entropy, log_sum_sq, mean_logits = row(want_entropy), row(want_log_sum_sq), row(want_mean)
+    top1 = torch.empty(n if want_top1 else 0, dtype=torch.int8, device=hidden.device)
+    chunk = chunk_size or None
     if n > 0:
-        forward_kernel[(triton_cdiv(n, blocks.tokens),)](
-            hidden, weight, bias if bias is not None else hidden, targets, logp, lse, n, vocab, dim,
-            hidden.stride(0), weight.stride(0), inv_temperature, softcap or 1.0, HAS_BIAS=bias is not None,
-            HAS_SOFTCAP=softcap > 0, DOT_FP32=_dot_fp32(hidden.dtype), BLOCK_N=blocks.tokens,
-            BLOCK_V=blocks.vocab, BLOCK_D=blocks.features)
-    if not with_basis:
-        return logp, lse, hidden.new_empty(0, dtype=torch.float32)
-    # Q = (softmax * slope) @ W = temperature * dH for g_logp = 0, g_lse = 1
-    basis = _launch_grad_hidden(torch.zeros_like(lse), torch.ones_like(lse), hidden, weight, bias, targets, lse,
-                                inv_temperature, softcap, blocks)
-    return logp, lse, basis.div_(inv_temperature) if inv_temperature != 1.0 else basis
+        args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
+        args.update(logp_ptr=logp, lse_ptr=lse, ent_ptr=entropy if want_entropy else lse,
+                    lsq_ptr=log_sum_sq if want_log_sum_sq else lse, mean_ptr=mean_logits if want_mean else lse,
+                    top1_ptr=top1 if want_top1 else targets)
+        flags = dict(_common_flags(hidden, bias, softcap), WANT_ENTROPY=want_entropy, WANT_LSQ=want_log_sum_sq,
+                     WANT_MEAN=want_mean, WANT_TOP1=want_top1)
+        _launch("forward", forward_kernel, lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),), args, flags,
+                hidden.dtype, n, vocab, dim, chunk)
+    basis = hidden.new_empty(0, dtype=torch.float32)
+    if with_basis:  # Q = (softmax * slope) @ W = dH / chain for g_logp = 0, g_lse = 1
+        basis = _launch_grad_hidden(torch.zeros_like(lse), torch.ones_like(lse), None, None, hidden, weight, bias,
+                                    targets, lse, logit_scale, inv_temperature, softcap, chunk)
+        chain = logit_scale * inv_temperature
+        if chain != 1.0:
+            basis.div_(chain)
+    return logp, lse, basis, entropy, log_sum_sq, mean_logits, top1.view(torch.bool)
 
 
 @triton_forward.register_fake
-def _(hidden, weight, bias, targets, inv_temperature, softcap, block_tokens, block_vocab, block_features, with_basis):
+def _(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap, chunk_size, with_basis, want_entropy,
+      want_log_sum_sq, want_mean, want_top1):
     n = hidden.shape[0]
+    row = lambda want, dtype=torch.float32: hidden.new_empty(n if want else 0, dtype=dtype)  # noqa: E731
     basis = hidden.new_empty((n, hidden.shape[1]) if with_basis else (0,), dtype=torch.float32)
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32), basis
+    return (row(True), row(True), basis, row(want_entropy), row(want_log_sum_sq), row(want_mean),
+            row(want_top1, torch.bool))
 
 
 @torch.library.custom_op("logo_kernels::triton_linear_logprobs_bwd", mutates_args=())
-def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], hidden: torch.Tensor,
-                    weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, lse: torch.Tensor,
-                    inv_temperature: float, softcap: float, block_tokens: int, block_vocab: int, block_features: int,
-                    need_hidden: bool, need_weight: bool, need_bias: bool
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                    lse: torch.Tensor, entropy: Optional[torch.Tensor], logit_scale: float, inv_temperature: float,
+                    softcap: float, chunk_size: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dH, dW, dBias) in the input dtypes; [0]-sized where not needed."""
-    from ..triton_kernels.backward import grad_weight_kernel
+    from ..triton_kernels.backward import grad_fused_kernel, grad_weight_kernel
 
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    blocks = Blocks(block_tokens, block_vocab, block_features)
+    chunk = chunk_size or None
     d_h, d_w, d_b = (hidden.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
-    if need_hidden:
-        d_h = _launch_grad_hidden(grad_logp, grad_lse, hidden, weight, bias, targets, lse, inv_temperature, softcap,
-                                  blocks).to(hidden.dtype)
-    if need_weight or need_bias:
-        dw32 = torch.zeros(vocab, dim, dtype=torch.float32, device=weight.device) if need_weight else lse
-        db32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else lse
-        if n > 0:
-            grad_weight_kernel[(triton_cdiv(vocab, blocks.vocab),)](
-                hidden, weight, bias if bias is not None else hidden, targets, lse, grad_logp,
-                grad_lse if grad_lse is not None else grad_logp, dw32, db32, n, vocab, dim, hidden.stride(0),
-                weight.stride(0), inv_temperature, softcap or 1.0, HAS_BIAS=bias is not None,
-                HAS_SOFTCAP=softcap > 0, HAS_GLSE=grad_lse is not None, NEED_DW=need_weight, NEED_DB=need_bias,
-                DOT_FP32=_dot_fp32(hidden.dtype), BLOCK_N=blocks.tokens, BLOCK_V=blocks.vocab,
-                BLOCK_D=blocks.features)
-        d_w = dw32.to(weight.dtype) if need_weight else d_w
-        d_b = db32.to(bias.dtype) if need_bias else d_b
+    need_w_or_b = need_weight or need_bias
+    dw32 = torch.zeros(vocab, dim, dtype=torch.float32, device=weight.device) if need_weight else lse
+    db32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else lse
+    coefficient_args = dict(lse_ptr=lse, g_ptr=grad_logp, glse_ptr=grad_lse if grad_lse is not None else grad_logp,
+                            gent_ptr=grad_entropy if grad_entropy is not None else grad_logp,
+                            ent_ptr=entropy if grad_entropy is not None else grad_logp)
+    flags = dict(_common_flags(hidden, bias, softcap), HAS_GLSE=grad_lse is not None,
+                 HAS_ENT=grad_entropy is not None)
+    if not deterministic and n > 0:
+        dh32 = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device) if need_hidden else lse
+        args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
+        args.update(coefficient_args, dh_ptr=dh32, dw_ptr=dw32, db_ptr=db32)
+        grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]) * triton_cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+        _launch("grad_fused", grad_fused_kernel, grid, args,
+                dict(flags, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias), hidden.dtype, n, vocab,
+                dim, chunk, reset=("dh_ptr", "dw_ptr", "db_ptr"))
+        if need_hidden:
+            d_h = dh32.to(hidden.dtype)
+    else:
+        if need_hidden:
+            d_h = _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weight, bias, targets, lse,
+                                      logit_scale, inv_temperature, softcap, chunk).to(hidden.dtype)
+        if need_w_or_b and n > 0:
+            args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
+            args.update(coefficient_args, dw_ptr=dw32, db_ptr=db32)
+            _launch("grad_weight", grad_weight_kernel, lambda meta: (triton_cdiv(vocab, meta["BLOCK_V"]),), args,
+                    dict(flags, NEED_DW=need_weight, NEED_DB=need_bias), hidden.dtype, n, vocab, dim, chunk,
+                    reset=("dw_ptr", "db_ptr"))
+    if need_weight:
+        d_w = dw32.to(weight.dtype)
+    if need_bias:
+        d_b = db32.to(bias.dtype)
     return d_h, d_w, d_b
 
 
 @triton_backward.register_fake
-def _(grad_logp, grad_lse, hidden, weight, bias, targets, lse, inv_temperature, softcap, block_tokens, block_vocab,
-      block_features, need_hidden, need_weight, need_bias):
+def _(grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy, logit_scale, inv_temperature,
+      softcap, chunk_size, need_hidden, need_weight, need_bias, deterministic):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if need_bias else hidden.new_empty(0))
@@ -153,24 +228,41 @@ def _(grad_logp, grad_lse, hidden, weight, bias, targets, lse, inv_temperature, 
 
 class TritonBackend:
     name = "triton"
+    label = "Triton"
 
-    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, chunk_size: Optional[int],
-                with_basis: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        blocks = choose_blocks(hidden.shape[0], weight.shape[0], hidden.shape[1], chunk_size)
-        logp, lse, basis = triton_forward(hidden, weight, bias, targets, 1.0 / transform.temperature,
-                                          transform.kernel_softcap, blocks.tokens, blocks.vocab, blocks.features,
-                                          with_basis)
-        return logp, lse, basis if with_basis else None
+    def missing_reason(self) -> Optional[str]:
+        return unavailable_reason()
 
-    def backward(self, grad_logp, grad_lse, hidden, weight, bias, targets, lse, transform: LogitTransform,
-                 chunk_size: Optional[int], needed: GradsNeeded) -> Grads:
-        blocks = choose_blocks(hidden.shape[0], weight.shape[0], hidden.shape[1], chunk_size)
+    def unsupported(self, device: torch.device, dtype: torch.dtype) -> Optional[Exception]:
+        reason = unavailable_reason()
+        if reason is not None:
+            return RuntimeError(f"backend='triton' requested but {reason}")
+        if device.type == "cpu" and not interpreting():
+            return ValueError("backend='triton' runs on CUDA tensors (on CPU tensors only under Triton's interpreter: "
+                              "set TRITON_INTERPRET=1 before importing logo_kernels)")
+        if device.type not in ("cpu", "cuda"):
+            return ValueError(f"backend='triton' runs on CUDA tensors, got device {device}")
+        if dtype == torch.float64:
+            return TypeError("backend='triton' takes float32/bfloat16/float16 inputs; use backend='torch' for float64")
+        return None
+
+    def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
+                with_basis: bool = False, stats: FrozenSet[str] = frozenset()) -> RowStats:
+        logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1 = triton_forward(
+            hidden, weight, bias, targets, transform.logit_scale, transform.inv_temperature, transform.kernel_softcap,
+            options.chunk_size or 0, with_basis, "entropy" in stats, "log_sum_sq_probs" in stats,
+            "mean_logits" in stats, "is_top1" in stats)
+        pick = lambda x, name: x if name in stats else None  # noqa: E731
+        return RowStats(logp, lse, basis if with_basis else None, pick(entropy, "entropy"),
+                        pick(log_sum_sq, "log_sum_sq_probs"), pick(mean_logits, "mean_logits"),
+                        pick(is_top1, "is_top1"))
+
+    def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded) -> Grads:
+        as_f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
         d_h, d_w, d_b = triton_backward(
-            grad_logp.float().contiguous(), None if grad_lse is None else grad_lse.float().contiguous(), hidden,
-            weight, bias, targets, lse, 1.0 / transform.temperature, transform.kernel_softcap, blocks.tokens,
-            blocks.vocab, blocks.features, needed.hidden, needed.weight, needed.bias)
+            as_f32(grad_logp), as_f32(grad_lse), as_f32(grad_entropy), hidden, weight, bias, targets, lse,
+            as_f32(entropy) if grad_entropy is not None else None, transform.logit_scale, transform.inv_temperature,
+            transform.kernel_softcap, options.chunk_size or 0, needed.hidden, needed.weight, needed.bias,
+            options.deterministic)
         return (d_h if needed.hidden else None, d_w if needed.weight else None, d_b if needed.bias else None)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..linear_logprobs import linear_logprobs
-from .preference import preference_loss
+from .preference import check_hyperparameters, preference_loss
 
 LOGO_LOSS_TYPES = {"sigmoid": "logo", "hinge": "hinge"}
 
@@ -47,9 +47,10 @@ def _response_name(k: int) -> str:
 
 def check_sequences(cu_seqlens: torch.Tensor, num_tokens: int, num_negatives: int) -> int:
     """Validates ``cu_seqlens`` for T tokens grouped [chosen, rejected_1..M] per example; returns B."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()
+            or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool):
         raise TypeError("cu_seqlens must be a 1-D integer tensor [S + 1]")
-    if not isinstance(num_negatives, int) or num_negatives < 1:
+    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
         raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
     bounds = cu_seqlens.tolist()
     if len(bounds) < 2 or bounds[0] != 0:
@@ -119,6 +120,9 @@ def logo_loss(
     """
     if loss_type not in LOGO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOGO_LOSS_TYPES)}, got {loss_type!r}")
+    check_hyperparameters(LOGO_LOSS_TYPES[loss_type], beta, gamma, label_smoothing, sft_weight)
+    if not isinstance(hidden, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("hidden and targets must be torch.Tensors")
     if hidden.dim() != 2 or targets.dim() != 1:
         raise ValueError(f"hidden must be [T, D] and targets [T], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     check_sequences(cu_seqlens, targets.shape[0], num_negatives)
@@ -153,6 +157,9 @@ class LogoLoss(nn.Module):
         super().__init__()
         if loss_type not in LOGO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(LOGO_LOSS_TYPES)}, got {loss_type!r}")
+        check_hyperparameters(LOGO_LOSS_TYPES[loss_type], beta, gamma, label_smoothing, sft_weight)
+        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
         self.num_negatives, self.beta, self.gamma, self.sft_weight = num_negatives, beta, gamma, sft_weight
         self.loss_type, self.label_smoothing, self.ignore_index, self.backend = (
             loss_type, label_smoothing, ignore_index, backend)

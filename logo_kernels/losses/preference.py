@@ -24,6 +24,8 @@ LOGO/SimPO/ORPO use means over tokens, DPO/IPO/CPO as published use sums.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,18 +63,60 @@ def _as_2d(name: str, rejected: torch.Tensor, batch: int) -> torch.Tensor:
     return rejected
 
 
-def _check_args(loss_type, beta, gamma, label_smoothing, chosen_logps, ref_chosen, ref_rejected):
+#: Per-sequence log-probs are <= 0; this much above 0 is still accepted as rounding.
+LOGP_SLACK = 1e-4
+
+
+def _real(name: str, value, *, low: float = None, low_open: bool = False) -> float:
+    """A finite real number (not a bool), optionally bounded below; the message names the argument."""
+    bound = "" if low is None else f" {'>' if low_open else '>='} {low}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+            low is not None and (value <= low if low_open else value < low)):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def check_hyperparameters(loss_type: str, beta, gamma, label_smoothing, sft_weight) -> None:
+    """Types, finiteness and ranges of the family's hyper-parameters (shared by logo_loss and LogoLoss)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta!r}")
+    _real("beta", beta, low=0.0, low_open=True)
+    _real("gamma", gamma)
+    _real("sft_weight", sft_weight, low=0.0)
+    _real("label_smoothing", label_smoothing, low=0.0)
     limit = 0.5 if loss_type == "robust" else 1.0
-    if not 0.0 <= label_smoothing < limit:
+    if not label_smoothing < limit:
         raise ValueError(f"label_smoothing must be in [0, {limit}) for loss_type={loss_type!r}, got {label_smoothing}")
     if label_smoothing and loss_type in ("hinge", "ipo", "orpo"):
         raise ValueError(f"label_smoothing is not defined for loss_type={loss_type!r}")
     if gamma and loss_type in ("ipo", "orpo"):
         raise ValueError(f"gamma (a margin) is not defined for loss_type={loss_type!r}")
+
+
+def check_logps(name: str, value, *, dims: tuple) -> None:
+    """A floating tensor of per-sequence log-probs: finite and <= 0 (a positive value is logits or rewards)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating torch.Tensor of log-probabilities, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)}")
+    if value.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(f'{d}-d' for d in dims)} shape, got {tuple(value.shape)}")
+    if value.numel() == 0 or value.device.type == "meta":
+        return
+    detached = value.detach()
+    bad = ~torch.isfinite(detached)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}{list(index)} = {detached[index].item()}: log-probabilities must be finite")
+    positive = detached > LOGP_SLACK
+    if bool(positive.any()):
+        index = tuple(int(i) for i in positive.nonzero()[0])
+        raise ValueError(f"{name}{list(index)} = {detached[index].item():.4g} > 0: log-probabilities are <= 0 "
+                         "(logits or rewards passed by mistake?)")
+
+
+def _check_args(loss_type, beta, gamma, label_smoothing, sft_weight, chosen_logps, rejected_logps, ref_chosen,
+                ref_rejected, chosen_nll):
+    check_hyperparameters(loss_type, beta, gamma, label_smoothing, sft_weight)
     has_ref = ref_chosen is not None or ref_rejected is not None
     if has_ref and (ref_chosen is None or ref_rejected is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
@@ -80,8 +124,16 @@ def _check_args(loss_type, beta, gamma, label_smoothing, chosen_logps, ref_chose
         raise ValueError(f"loss_type={loss_type!r} is reference-free: drop the reference log-probs")
     if loss_type == "dpo" and not has_ref:
         raise ValueError("loss_type='dpo' needs ref_chosen_logps and ref_rejected_logps")
-    if chosen_logps.dim() != 1:
-        raise ValueError(f"chosen_logps must be [B], got {tuple(chosen_logps.shape)}")
+    check_logps("chosen_logps", chosen_logps, dims=(1,))
+    check_logps("rejected_logps", rejected_logps, dims=(1, 2))
+    if has_ref:
+        check_logps("ref_chosen_logps", ref_chosen, dims=(1,))
+        check_logps("ref_rejected_logps", ref_rejected, dims=(1, 2))
+    if chosen_nll is not None:
+        if not isinstance(chosen_nll, torch.Tensor) or not chosen_nll.is_floating_point():
+            raise TypeError("chosen_nll must be a floating torch.Tensor")
+        if not bool(torch.isfinite(chosen_nll.detach()).all()) or bool((chosen_nll.detach() < -LOGP_SLACK).any()):
+            raise ValueError("chosen_nll must be finite and >= 0 (a negative log-likelihood)")
 
 
 def _log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
@@ -106,9 +158,11 @@ def preference_loss(
     """Preference loss of one chosen vs M rejected responses per example (formulas in the module doc).
 
     chosen_logps [B], rejected_logps [B] or [B, M] (and the reference ones, same shapes) are per-sequence
-    log-probs, differentiable; computation is in fp32 (fp64 stays fp64).
+    log-probs, differentiable; computation is in fp32 (fp64 stays fp64). Log-probs must be finite and <= 0;
+    beta > 0, gamma, sft_weight >= 0 and label_smoothing finite: anything else is a ValueError naming it.
     """
-    _check_args(loss_type, beta, gamma, label_smoothing, chosen_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_args(loss_type, beta, gamma, label_smoothing, sft_weight, chosen_logps, rejected_logps, ref_chosen_logps,
+                ref_rejected_logps, chosen_nll)
     batch = chosen_logps.shape[0]
     rejected_logps = _as_2d("rejected_logps", rejected_logps, batch)
     dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32

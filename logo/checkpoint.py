@@ -74,14 +74,18 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, engine
             shutil.rmtree(final)
         os.replace(tmp, final)
         _replace_file(os.path.join(root, LATEST), f"step-{step}\n")
-        _prune(root, keep)
+        _prune(root, keep, step)
     barrier()
     return final
 
 
-def _prune(root: str, keep: int) -> None:
-    steps = sorted((int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")), reverse=True)
-    for old in steps[max(1, keep):]:
+def _prune(root: str, keep: int, newest: int) -> None:
+    """Keeps ``step-<newest>`` and the ``keep - 1`` checkpoints before it; checkpoints past ``newest`` (left by an
+    abandoned continuation) go too, so ``latest`` always names a kept checkpoint."""
+    steps = sorted((int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-") and
+                    d.split("-")[1].isdigit()), reverse=True)
+    older = [s for s in steps if s <= newest]
+    for old in [s for s in steps if s > newest] + older[max(1, keep):]:
         shutil.rmtree(os.path.join(root, f"step-{old}"), ignore_errors=True)
     for d in os.listdir(root):
         if d.startswith(".tmp-"):

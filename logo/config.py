@@ -1,24 +1,35 @@
 """The typed training configuration of ``python -m logo.train``: defaults, YAML/JSON file, CLI overrides.
 
-Defaults follow the paper's recipe for real models (LOGO_NOTES: M=2, beta=10, gamma=3, lambda=0.1, LoRA
-r32/alpha16/dropout 0 on q,k,v,o + embeddings, bf16, gradient checkpointing, a 64K window of 16x512
-chunks). Without ``--model`` the run is the embedded default (a tiny Llama from config on the synthetic
+Defaults follow the paper's recipe for real models (arXiv 2410.18533 and the authors' release: M=2, beta=10,
+gamma=3, lambda=0.1, LoRA r32/alpha16/dropout 0 on q,k,v,o + embeddings, bf16, gradient checkpointing, a 64K
+window of 16x512 chunks). Without ``--model`` the run is the embedded default (a tiny Llama from config on the synthetic
 retrieval task), and :data:`EMBEDDED_DEFAULTS` replace the options the user did not set.
 Precedence: dataclass default < embedded default (no model) < ``--config`` file < command line.
+
+Every field declares its class — type, range (``low``/``high``, open or closed), choices — and
+:meth:`TrainConfig.validate` checks all of them (and the combinations) with a :class:`~logo.errors.ConfigError`
+naming the field; booleans are never accepted as numbers, NaN and inf never as values. Fields also declare
+whether ``--resume`` may change them (``resume="free"``: how long and how visibly the run goes on) or not
+(the default: anything that changes what the run computes).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .errors import ConfigError, InputFileError
 
-def _opt(default, help: str, choices: Sequence = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+
+def _opt(default, help: str, choices: Sequence = None, *, low=None, high=None, low_open=False, high_open=False,
+         resume: str = "fixed"):
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
+                                            "low_open": low_open, "high_open": high_open, "resume": resume})
 
 
 @dataclass
@@ -30,93 +41,152 @@ class TrainConfig:
     dtype: str = _opt("bf16", "parameter/compute dtype", ("bf16", "fp16", "fp32"))
     attn_implementation: str = _opt("sdpa", "attention of non-packed passes (eval, generation); packed rows "
                                             "always use shared-prefix attention", ("sdpa", "eager",
-                                                                                    "flash_attention_2", "flex_attention"))
-    rope_theta: Optional[float] = _opt(None, "override the model's RoPE base (paper: 2e8 for Llama-3-8B-8K)")
-    max_position_embeddings: Optional[int] = _opt(None, "override the model's max_position_embeddings")
-    gradient_checkpointing: bool = _opt(True, "recompute decoder layers in the backward")
+                                                                                    "flash_attention_2", "flex_attention"),
+                                    resume="free")
+    rope_theta: Optional[float] = _opt(None, "override the model's RoPE base (paper: 2e8 for Llama-3-8B-8K)",
+                                       low=0, low_open=True)
+    max_position_embeddings: Optional[int] = _opt(None, "override the model's max_position_embeddings", low=1)
+    gradient_checkpointing: bool = _opt(True, "recompute decoder layers in the backward", resume="free")
     finetune: str = _opt("lora", "LoRA adapters (peft) or full fine-tuning", ("lora", "full"))
-    lora_r: int = _opt(32, "LoRA rank")
-    lora_alpha: int = _opt(16, "LoRA alpha")
-    lora_dropout: float = _opt(0.0, "LoRA dropout (the recipe disables dropout)")
+    lora_r: int = _opt(32, "LoRA rank", low=1)
+    lora_alpha: int = _opt(16, "LoRA alpha", low=1)
+    lora_dropout: float = _opt(0.0, "LoRA dropout (the recipe disables dropout)", low=0, high=1, high_open=True)
     lora_targets: str = _opt("q_proj,k_proj,v_proj,o_proj,embed_tokens",
                              "comma-separated module names that get LoRA adapters")
     # embedded model shape (only without --model)
-    tiny_hidden_size: int = _opt(128, "embedded model: hidden size")
-    tiny_layers: int = _opt(2, "embedded model: decoder layers")
-    tiny_heads: int = _opt(4, "embedded model: attention heads (2 key/value heads)")
+    tiny_hidden_size: int = _opt(128, "embedded model: hidden size", low=2)
+    tiny_layers: int = _opt(2, "embedded model: decoder layers", low=1)
+    tiny_heads: int = _opt(4, "embedded model: attention heads (2 key/value heads)", low=1)
     # data
     train_file: Optional[str] = _opt(None, "preference JSONL (logo.data.records); unset = synthetic task")
     eval_file: Optional[str] = _opt(None, "held-out preference JSONL; unset = synthetic held-out split "
-                                          "(with a train file: no evaluation)")
-    synthetic_train: int = _opt(512, "synthetic task: training records")
-    synthetic_eval: int = _opt(64, "synthetic task: held-out records")
-    synthetic_context_words: int = _opt(1000, "synthetic task: words of filler text per context")
+                                          "(with a train file: no evaluation)", resume="free")
+    synthetic_train: int = _opt(512, "synthetic task: training records", low=1)
+    synthetic_eval: int = _opt(64, "synthetic task: held-out records", low=0, resume="free")
+    synthetic_context_words: int = _opt(1000, "synthetic task: words of filler text per context", low=1)
     use_chat_template: bool = _opt(True, "use the tokenizer's chat template (else the plain template)")
-    max_context_tokens: Optional[int] = _opt(16 * 512, "cut longer contexts in the middle (paper: 16 x 512)")
-    max_response_tokens: Optional[int] = _opt(512, "cut longer responses")
-    window: Optional[int] = _opt(65536, "positional indices synthesis: target window K (unset: no synthesis)")
-    chunk_tokens: int = _opt(512, "positional indices synthesis: chunk size")
+    max_context_tokens: Optional[int] = _opt(16 * 512, "cut longer contexts in the middle (paper: 16 x 512)", low=1)
+    max_response_tokens: Optional[int] = _opt(512, "cut longer responses", low=1)
+    window: Optional[int] = _opt(65536, "positional indices synthesis: target window K (unset: no synthesis)", low=2)
+    chunk_tokens: int = _opt(512, "positional indices synthesis: chunk size", low=1)
     position_strategy: str = _opt("mixed", "positional indices synthesis strategy",
                                   ("continuous", "sparse", "slots", "mixed"))
-    continuous_ratio: float = _opt(0.9, "share of 'continuous' samples in the 'mixed' strategy")
+    continuous_ratio: float = _opt(0.9, "share of 'continuous' samples in the 'mixed' strategy", low=0, high=1)
     # objective
-    num_negatives: int = _opt(2, "M, rejected responses per example")
-    beta: float = _opt(10.0, "reward scale beta")
+    num_negatives: int = _opt(2, "M, rejected responses per example", low=1)
+    beta: float = _opt(10.0, "reward scale beta", low=0, low_open=True)
     gamma: float = _opt(3.0, "target reward margin gamma")
-    sft_weight: float = _opt(0.1, "lambda, weight of the SFT (chosen NLL) term")
+    sft_weight: float = _opt(0.1, "lambda, weight of the SFT (chosen NLL) term", low=0)
     loss_type: str = _opt("sigmoid", "LOGO loss form: -log sigmoid(z) (paper) or hinge relu(1 - z)",
                           ("sigmoid", "hinge"))
-    label_smoothing: float = _opt(0.0, "label smoothing of the sigmoid loss")
-    loss_backend: str = _opt("auto", "fused op backend", ("auto", "torch", "cpp", "triton"))
+    label_smoothing: float = _opt(0.0, "label smoothing of the sigmoid loss", low=0, high=0.5, high_open=True)
+    loss_backend: str = _opt("auto", "fused op backend", ("auto", "torch", "cpp", "triton"), resume="free")
     # optimisation
     learning_rate: float = _opt(5e-7, "peak learning rate (the authors' release: 5e-7; their experiments span "
-                                      "1e-6 .. 1e-4)")
+                                      "1e-6 .. 1e-4)", low=0, low_open=True)
     lr_schedule: str = _opt("cosine", "after warmup", ("cosine", "constant"))
-    warmup_steps: int = _opt(100, "linear warmup steps")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    adam_betas: Tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
-    max_grad_norm: float = _opt(1.0, "gradient clipping (0: off)")
-    max_steps: int = _opt(1000, "optimizer steps")
-    batch_rows: int = _opt(1, "packed rows (examples) per device per micro-batch")
-    grad_accum: int = _opt(8, "micro-batches per optimizer step")
-    seed: int = _opt(42, "seed of model init, data order, positions")
+    warmup_steps: int = _opt(100, "linear warmup steps", low=0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", low=0)
+    adam_betas: Tuple[float, float] = _opt((0.9, 0.95), "AdamW betas", low=0, high=1, high_open=True)
+    max_grad_norm: float = _opt(1.0, "gradient clipping (0: off)", low=0)
+    max_steps: int = _opt(1000, "optimizer steps", low=1, resume="free")
+    batch_rows: int = _opt(1, "packed rows (examples) per device per micro-batch", low=1)
+    grad_accum: int = _opt(8, "micro-batches per optimizer step", low=1)
+    seed: int = _opt(42, "seed of model init, data order, positions", low=0, high=2**31 - 1)
     # distributed
     deepspeed: Optional[str] = _opt(None, "DeepSpeed JSON config (configs/zero2.json, zero3.json, ...); unset = "
                                           "plain torch")
     # run directory, logging, checkpoints
-    output_dir: str = _opt("runs/logo", "run directory: config, metrics.jsonl, TensorBoard events, checkpoints")
-    log_every: int = _opt(1, "log metrics every N steps")
-    eval_every: int = _opt(0, "evaluate every N steps (0: before and after training only)")
-    save_every: int = _opt(100, "checkpoint every N steps (0: final only)")
-    keep_checkpoints: int = _opt(2, "checkpoints kept (oldest deleted)")
-    resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
+    output_dir: str = _opt("runs/logo", "run directory: config, metrics.jsonl, TensorBoard events, checkpoints",
+                           resume="free")
+    log_every: int = _opt(1, "log metrics every N steps", low=1, resume="free")
+    eval_every: int = _opt(0, "evaluate every N steps (0: before and after training only)", low=0, resume="free")
+    save_every: int = _opt(100, "checkpoint every N steps (0: final only)", low=0, resume="free")
+    keep_checkpoints: int = _opt(2, "checkpoints kept (oldest deleted)", low=1, resume="free")
+    resume: bool = _opt(False, "continue from the newest checkpoint in output_dir (refused if the saved config "
+                               "differs in anything but run length, logging, evaluation and checkpointing)",
+                        resume="free")
+    overwrite: bool = _opt(False, "start a new run in an output_dir that holds another run, deleting it",
+                           resume="free")
     stop_after: Optional[int] = _opt(None, "end this invocation after N steps with a checkpoint (time-limited "
-                                           "jobs); continue with --resume")
-    eval_max_new_tokens: int = _opt(24, "greedy tokens generated for retrieval exact match")
-    progress: bool = _opt(True, "show a tqdm progress bar")
+                                           "jobs); continue with --resume", low=1, resume="free")
+    eval_max_new_tokens: int = _opt(24, "greedy tokens generated for retrieval exact match", low=1, resume="free")
+    progress: bool = _opt(True, "show a tqdm progress bar", resume="free")
 
     @property
     def embedded(self) -> bool:
         return self.model is None
 
     def validate(self) -> "TrainConfig":
+        """Every field's class and range, then the combinations (module doc). Returns self."""
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"config field {f.name!r}: {getattr(self, f.name)!r} is not one of {list(choices)}")
-        positive = ("num_negatives", "max_steps", "batch_rows", "grad_accum", "chunk_tokens", "lora_r")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"config field 'learning_rate' must be > 0, got {self.learning_rate}")
+            _check_field(f, getattr(self, f.name))
         if self.window is not None and self.max_context_tokens is not None and self.window <= self.max_context_tokens:
-            raise ValueError(f"config field 'window' ({self.window}) must exceed max_context_tokens "
-                             f"({self.max_context_tokens}): synthesis spreads real tokens over a longer window")
+            raise ConfigError(f"config field 'window' ({self.window}) must exceed max_context_tokens "
+                              f"({self.max_context_tokens}): synthesis spreads real tokens over a longer window")
+        if self.loss_type == "hinge" and self.label_smoothing:
+            raise ConfigError("config field 'label_smoothing' must be 0 with loss_type 'hinge'")
+        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise ConfigError("config field 'lora_targets' names no module")
+        if self.tiny_hidden_size % self.tiny_heads or (self.tiny_hidden_size // self.tiny_heads) % 2:
+            raise ConfigError(f"config fields 'tiny_hidden_size' ({self.tiny_hidden_size}) / 'tiny_heads' "
+                              f"({self.tiny_heads}) must give an even head size (RoPE)")
+        if self.resume and self.overwrite:
+            raise ConfigError("config fields 'resume' and 'overwrite' exclude each other")
+        if not self.output_dir.strip():
+            raise ConfigError("config field 'output_dir' is empty")
         return self
+
+    def check_paths(self) -> None:
+        """The files and directories the run reads exist (checked before anything is loaded or written)."""
+        for name, kind in (("model", "directory"), ("tokenizer", "directory"), ("train_file", "file"),
+                           ("eval_file", "file"), ("deepspeed", "file")):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            exists = os.path.isdir(path) if kind == "directory" else os.path.isfile(path)
+            if not exists:
+                hint = " (a local Hugging Face model directory; nothing is downloaded)" if name in ("model",
+                                                                                                  "tokenizer") else ""
+                raise ConfigError(f"config field '{name}': {path} is not an existing {kind}{hint}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    meta, name = f.metadata, f.name
+    kind = _field_type(f)
+    if value is None:
+        if not _optional(f):
+            raise ConfigError(f"config field {name!r} may not be null")
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"config field {name!r}: {value!r} is not one of {list(meta['choices'])}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field {name!r} must be true or false, got {value!r}")
+        return
+    values = value if typing.get_origin(kind) is tuple else (value,)
+    if typing.get_origin(kind) is tuple and len(values) != len(typing.get_args(kind)):
+        raise ConfigError(f"config field {name!r} must hold {len(typing.get_args(kind))} numbers, got {value!r}")
+    for v in values:
+        if kind is str:
+            if not isinstance(v, str):
+                raise ConfigError(f"config field {name!r} must be a string, got {v!r}")
+            continue
+        number_type = int if kind is int else float
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (number_type is int and not isinstance(v, int)):
+            raise ConfigError(f"config field {name!r} must be {'an integer' if number_type is int else 'a number'}, "
+                              f"got {v!r}")
+        if not math.isfinite(v):
+            raise ConfigError(f"config field {name!r} must be finite, got {v!r}")
+        low, high = meta.get("low"), meta.get("high")
+        if low is not None and (v <= low if meta.get("low_open") else v < low):
+            raise ConfigError(f"config field {name!r} must be {'>' if meta.get('low_open') else '>='} {low}, got {v!r}")
+        if high is not None and (v >= high if meta.get("high_open") else v > high):
+            raise ConfigError(f"config field {name!r} must be {'<' if meta.get('high_open') else '<='} {high}, "
+                              f"got {v!r}")
 
 
 # The embedded default: a tiny model trained from scratch on the synthetic task in minutes on 2 CPU cores.
@@ -132,15 +202,18 @@ def _field_type(f: dataclasses.Field):
     return args[0] if typing.get_origin(hint) is typing.Union else hint
 
 
+def _optional(f: dataclasses.Field) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
+
+
 def _convert(name: str, value: Any) -> Any:
-    """A file or CLI value converted to the field's type (error names the field)."""
-    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    """A file or CLI value converted to the field's type (error names the field); ranges are checked later."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    f = fields[name]
     kind = _field_type(f)
-    hint = typing.get_type_hints(TrainConfig)[name]
-    optional = type(None) in typing.get_args(hint)
     try:
-        if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-            if not optional:
+        if value is None or (_optional(f) and isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if not _optional(f):
                 raise ValueError("may not be null")
             return None
         if kind is bool:
@@ -148,39 +221,71 @@ def _convert(name: str, value: Any) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(f"expected true/false, got {value!r}")
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true/false, got {value!r}")
+            return value
+        if isinstance(value, bool):  # YAML's `max_steps: true` must not become 1
+            raise ValueError(f"expected {'an integer' if kind is int else 'a value'}, got {value!r}")
         if typing.get_origin(kind) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(float(x) for x in items)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"expected an integer, got {value}")
-        return kind(float(value)) if kind is int and isinstance(value, str) and "e" in value.lower() else kind(value)
+            return tuple(_number(float, x) for x in items)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {value!r}")
+            return value
+        return _number(kind, value)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"config field {name!r}: {error}") from None
+        raise ConfigError(f"config field {name!r}: {error}") from None
+
+
+def _number(kind, value):
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise ValueError(f"expected a number, got {value!r}")
+    if kind is int:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            number = int(number)
+        return int(number)
+    return float(value)
 
 
 def read_config_file(path: str) -> Dict[str, Any]:
-    """Key/values of a YAML or JSON config file; unknown keys are an error naming them."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        import yaml
+    """Key/values of a YAML or JSON config file; unknown keys and syntax errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise InputFileError(f"--config: {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise InputFileError(f"--config: {path}: not UTF-8 text") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
 
-        data = yaml.safe_load(text)
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise InputFileError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    except Exception as error:  # yaml.YAMLError: its mark names the line
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise InputFileError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
     data = data or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping of option: value")
+        raise InputFileError(f"{path}: a config file must hold a mapping of option: value")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(k.replace("-", "_") for k in data) - known)
+    unknown = sorted(set(str(k).replace("-", "_") for k in data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown config field(s) {unknown}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise ConfigError(f"{path}: unknown config field(s) {unknown}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m logo.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m logo.train", description=__doc__.split("\n\n")[0],
+                                     epilog="--debug: show the traceback of a user error too")
     parser.add_argument("--config", help="YAML or JSON file of options (overridden by the command line)")
     for f in dataclasses.fields(TrainConfig):
         default = f.default
@@ -221,6 +326,18 @@ def save_config(config: TrainConfig, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_saved_config(path: str) -> Dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+def resume_differences(saved: Dict[str, Any], config: TrainConfig) -> List[str]:
+    """The fields that differ between a run's saved config and ``config`` and that ``--resume`` may not change
+    (``resume="fixed"``), as ``field: saved -> new`` lines. Fields the saved config lacks (an older version of
+    the package) count as their defaults."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["resume"] == "free":
+            continue
+        new = getattr(config, f.name)
+        old = saved.get(f.name, f.default)
+        if isinstance(new, tuple):
+            old = tuple(old) if isinstance(old, list) else old
+        if old != new:
+            lines.append(f"{f.name}: {old!r} -> {new!r}")
+    return lines

@@ -41,9 +41,11 @@ class World:
             values = tuple((t / self.size).tolist())
         return values[0] if len(values) == 1 else values
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Ends the process group; after a failure without the final barrier (the other ranks may be gone)."""
         if self.distributed and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if clean:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Tuple
+
+from .errors import ConfigError, InputFileError, run_cli
 
 GIB = 2 ** 30
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -93,16 +96,28 @@ def model_shape(name_or_path: str) -> ModelShape:
         return BUILTIN[name_or_path.lower()]
     path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
     if not os.path.isfile(path):
-        raise ValueError(f"--model: {name_or_path!r} is neither a built-in shape {sorted(BUILTIN)} nor a config.json")
-    with open(path, encoding="utf-8") as handle:
-        c = json.load(handle)
+        raise ConfigError(f"--model: {name_or_path!r} is neither a built-in shape {sorted(BUILTIN)} nor a config.json")
     try:
-        heads = c["num_attention_heads"]
-        return ModelShape(os.path.basename(os.path.dirname(os.path.abspath(path))) or path, c["vocab_size"],
-                          c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
-                          c.get("num_key_value_heads") or heads, bool(c.get("tie_word_embeddings", False)))
-    except KeyError as missing:
-        raise ValueError(f"{path}: no {missing} (a Llama-style config is needed)") from None
+        with open(path, encoding="utf-8") as handle:
+            c = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputFileError(f"{path}: not a JSON config ({error})") from None
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [f for f in fields if f not in c]
+    if missing:
+        raise InputFileError(f"{path}: no {missing} (a Llama-style config is needed)")
+    heads = c["num_attention_heads"]
+    values = {f: c[f] for f in fields}
+    values["num_key_value_heads"] = c.get("num_key_value_heads") or heads
+    bad = [f"{k} = {v!r}" for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise InputFileError(f"{path}: sizes must be integers >= 1: {', '.join(bad)}")
+    if values["hidden_size"] % heads or heads % values["num_key_value_heads"]:
+        raise InputFileError(f"{path}: hidden_size must divide by num_attention_heads, and those by "
+                             "num_key_value_heads")
+    return ModelShape(os.path.basename(os.path.dirname(os.path.abspath(path))) or path, c["vocab_size"],
+                      c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
+                      values["num_key_value_heads"], bool(c.get("tie_word_embeddings", False)))
 
 
 @dataclass(frozen=True)
@@ -126,20 +141,32 @@ class Setting:
     overhead_gib: float = 2.5
     fragmentation: float = 0.05
     workspace_gib: float = 0.25      # fused loss tile workspace bound
+    sequence_parallel: int = 1       # sequence-parallel group size (DeepSpeed Ulysses)
 
     def validate(self) -> "Setting":
+        """Every field by class: choices, integers >= 1 (negatives, GPUs, ... ) or >= 0, finite non-negative
+        overheads, fragmentation in [0, 1); a ConfigError names the field."""
         for name, allowed in (("finetune", ("lora", "full")), ("offload", ("none", "optimizer", "all")),
                               ("dtype", tuple(BYTES)), ("loss", ("fused", "naive")), ("packing", ("shared", "separate"))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.zero not in (0, 1, 2, 3):
-            raise ValueError(f"zero must be 0..3, got {self.zero}")
-        if min(self.real_tokens, self.negatives, self.response_tokens, self.gpus, self.rows) < 1:
-            raise ValueError("real_tokens, negatives, response_tokens, gpus and rows must be >= 1")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.zero not in (0, 1, 2, 3) or isinstance(self.zero, bool):
+            raise ConfigError(f"zero must be 0..3, got {self.zero}")
+        for name in ("real_tokens", "window", "negatives", "response_tokens", "gpus", "rows", "lora_r",
+                     "sequence_parallel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("sft_weight", "overhead_gib", "workspace_gib", "fragmentation"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.fragmentation >= 1:
+            raise ConfigError(f"fragmentation is a fraction of the rest: it must be < 1, got {self.fragmentation}")
         return self
 
 
-def trainable_parameters(shape: ModelShape, s: Setting) -> int:
+def trainable_parameter_count(shape: ModelShape, s: Setting) -> int:
     if s.finetune == "full":
         return shape.parameters()
     linears = shape.layer_linears()
@@ -177,7 +204,7 @@ def estimate(shape: ModelShape, s: Setting) -> Dict[str, float]:
     s.validate()
     b = BYTES[s.dtype]
     mixed = s.dtype != "fp32"
-    p, p_t = shape.parameters(), trainable_parameters(shape, s)
+    p, p_t = shape.parameters(), trainable_parameter_count(shape, s)
     shard = lambda n, stage: n / s.gpus if s.zero >= stage else n  # noqa: E731
     out: Dict[str, float] = {}
     out["parameters"] = 0.0 if (s.offload == "all" and s.zero == 3) else shard(b * p, 3)
@@ -269,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli("logo.estimate", _main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     shape = model_shape(args.model)
     setting = Setting(real_tokens=args.real_tokens, window=args.window, negatives=args.negatives,

@@ -112,5 +112,27 @@ def add_lora(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def trainable_parameters(model):
+def trainable_parameter_list(model):
+    """The parameters that train (LoRA adapters, or everything in full fine-tuning)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def export_final(module, tokenizer, path: str, world) -> None:
+    """The trained model (or LoRA adapter) and tokenizer in Hugging Face format, written atomically (``path.tmp``
+    then renamed); ZeRO-3 partitions are gathered first."""
+    import shutil
+
+    from logo_kernels._zero3 import gathered
+
+    params = [p for p in module.parameters() if p.requires_grad] if hasattr(module, "peft_config") else \
+        list(module.parameters())
+    tmp = f"{path}.tmp"
+    with gathered(*params):
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            module.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+    world.barrier()

@@ -105,3 +105,26 @@ def test_cli_prints_a_table_with_a_verdict(capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert row["fits"] and row["gib"]["total"] * GIB == pytest.approx(
         estimate(BUILTIN["mistral-7b"], Setting())["total"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--real-tokens", "-8192"], "real_tokens must be an integer >= 1, got -8192"),
+    (["--negatives", "0"], "negatives must be an integer >= 1"),
+    (["--gpus", "0"], "gpus must be an integer >= 1"),
+    (["--overhead-gib", "-2"], "overhead_gib must be a finite number >= 0"),
+    (["--fragmentation", "1.5"], "fragmentation is a fraction of the rest"),
+    (["--sft-weight", "nan"], "sft_weight must be a finite number >= 0"),
+    (["--model", "/no/such/config.json"], "is neither a built-in shape"),
+])
+def test_cli_refuses_bad_sizes_with_one_line(capsys, option, message):
+    """Negative sizes and overheads used to print negative GiB as 'fits'."""
+    assert main(option) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("logo.estimate: error: ") and message in err[0], err
+
+
+def test_model_config_with_bad_sizes_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"vocab_size": 100, "hidden_size": -64, "intermediate_size": 128, '
+                                          '"num_hidden_layers": 2, "num_attention_heads": 4}')
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "hidden_size = -64" in capsys.readouterr().err

@@ -180,11 +180,12 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
 
     partial = out_path + ".partial"
     done = {}
-    for path in (out_path, partial):
-        if os.path.exists(path):
-            for record in read_preference_file(path, num_negatives=2):
-                done[str(record.id)] = record
-    if os.path.exists(out_path) and not os.path.exists(partial):
+    if os.path.exists(out_path):
+        for record in read_preference_file(out_path, num_negatives=2):
+            done[str(record.id)] = record
+    for record in read_partial(partial):
+        done[str(record.id)] = record
+    if done and not os.path.exists(partial):
         write_preference_file(list(done.values()), partial)
     todo = [r for r in raw if r.id not in done]
     counts = {"input": len(raw), "already_built": len(raw) - len(todo), "built": 0, "skipped_no_critical": 0,
@@ -221,11 +222,44 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             os.fsync(sink.fileno())
             bar.update(len(plans))
     bar.close()
+    if not os.path.exists(partial) or os.path.getsize(partial) == 0:  # every record skipped or dropped
+        if os.path.exists(partial):
+            os.remove(partial)
+        counts["written"] = 0
+        return counts
     records = read_preference_file(partial, num_negatives=2)  # validated before it becomes the output
     write_preference_file(records, out_path)
     os.remove(partial)
     counts["written"] = len(records)
     return counts
+
+
+def read_partial(path: str) -> List[PreferenceRecord]:
+    """The records of a build's ``.partial`` file, whatever point the build was killed at: a missing or empty
+    file holds none; a torn last line (killed mid-write) is cut from the file, and a complete last record that
+    lost only its newline gets it back, so the next append starts on a clean line. A bad line elsewhere is a real
+    error (file:line)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as handle:
+        data = handle.read()
+    tail = data[data.rfind(b"\n") + 1:]  # what follows the last newline: empty after a complete write
+    if tail.strip():
+        try:
+            json.loads(tail)
+            complete = True
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            complete = False
+        with open(path, "r+b") as handle:
+            if complete:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+            else:
+                handle.truncate(len(data) - len(tail))
+        data = data + b"\n" if complete else data[:len(data) - len(tail)]
+    if not data.strip():
+        return []
+    return read_preference_file(path, num_negatives=2)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

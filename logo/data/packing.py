@@ -26,10 +26,6 @@ class RowLayout:
     prefix_length: int
     response_lengths: tuple
 
-    @property
-    def length(self) -> int:
-        return self.prefix_length + sum(self.response_lengths)
-
 
 @dataclass
 class PackedBatch:
@@ -50,6 +46,11 @@ class PackedBatch:
     @property
     def num_negatives(self) -> int:
         return len(self.layouts[0].response_lengths) - 1
+
+    def to(self, device) -> "PackedBatch":
+        """The same batch with its tensors on ``device``."""
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.layouts,
+                           self.score_index.to(device), self.targets.to(device), self.cu_seqlens.to(device))
 
 
 def pack_rows(prefixes: Sequence[torch.Tensor], responses: Sequence[Sequence[torch.Tensor]], *,

@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
+from ..errors import InputFileError, read_text_lines
+
 REQUIRED = ("id", "context", "question", "chosen", "rejected")
 
 
@@ -38,7 +40,7 @@ class PreferenceRecord:
         return out
 
 
-class InvalidPreferenceFile(ValueError):
+class InvalidPreferenceFile(InputFileError):
     """Every problem found in a preference file; ``errors`` holds the ``file:line: field: message`` lines."""
 
     def __init__(self, path: str, errors: List[str]):
@@ -87,27 +89,26 @@ def record_problems(obj, num_negatives: int) -> List[Tuple[str, str]]:
 def read_preference_file(path: str, num_negatives: int = 2) -> List[PreferenceRecord]:
     """Reads and validates a JSONL preference file (module doc); blank lines are skipped."""
     records, errors, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(f"{path}:{line_no}: record: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            problems = record_problems(obj, num_negatives)
-            errors += [f"{path}:{line_no}: {field}: {message}" for field, message in problems]
-            if problems:
-                continue
-            key = str(obj["id"])
-            if key in seen:
-                errors.append(f"{path}:{line_no}: id: duplicate of line {seen[key]} ({key!r})")
-                continue
-            seen[key] = line_no
-            context = obj["context"] if isinstance(obj["context"], list) else [obj["context"]]
-            records.append(PreferenceRecord(key, tuple(context), obj["question"], obj["chosen"],
-                                            tuple(obj["rejected"]), obj.get("system")))
+    for line_no, line in read_text_lines(path, "preference file"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"{path}:{line_no}: record: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        problems = record_problems(obj, num_negatives)
+        errors += [f"{path}:{line_no}: {field}: {message}" for field, message in problems]
+        if problems:
+            continue
+        key = str(obj["id"])
+        if key in seen:
+            errors.append(f"{path}:{line_no}: id: duplicate of line {seen[key]} ({key!r})")
+            continue
+        seen[key] = line_no
+        context = obj["context"] if isinstance(obj["context"], list) else [obj["context"]]
+        records.append(PreferenceRecord(key, tuple(context), obj["question"], obj["chosen"],
+                                        tuple(obj["rejected"]), obj.get("system")))
     if errors:
         raise InvalidPreferenceFile(path, errors)
     if not records:

@@ -9,11 +9,11 @@ ZeRO-3 the head weight is gathered with ``deepspeed.zero.GatheredParameters`` fo
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 
+from .._zero3 import gathered
 from ..losses.logo import LogoLoss, LogoLossOutput
 
 
@@ -62,19 +62,6 @@ def lm_head_weight_and_bias(head: torch.nn.Module) -> Tuple[torch.Tensor, Option
                                       "lora_dropout=0 (LOGO's recipe) or leave lm_head out of target_modules")
         weight = weight + head.get_delta_weight(name)
     return weight, bias
-
-
-@contextlib.contextmanager
-def gathered(*params):
-    """Gathers ZeRO-3 partitioned parameters for the block (no-op for ordinary tensors)."""
-    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
 
 
 def response_hidden_states(hidden: torch.Tensor, labels: torch.Tensor, sequence_ids: Optional[torch.Tensor] = None,

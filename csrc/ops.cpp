@@ -12,7 +12,9 @@ void check_op_inputs(const at::Tensor& hidden, const at::Tensor& weight, const s
   TORCH_CHECK(weight.dim() == 2, "weight must be [V, D], got ", weight.sizes());
   TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden and weight disagree on D: ", hidden.size(1), " vs ",
               weight.size(1));
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must share a dtype");
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()) && at::isFloatingType(weight.scalar_type()) &&
+                  hidden.scalar_type() != at::kDouble && weight.scalar_type() != at::kDouble,
+              "hidden and weight must be float32, bfloat16 or float16 (they may differ: tiles compute in fp32)");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must be [N]");
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous(), "targets must be contiguous int64");
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "bias must be [V]");

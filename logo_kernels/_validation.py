@@ -43,8 +43,10 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
 
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16 (float64 with backend='torch'), got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.dtype not in FLOAT_DTYPES or (weight.dtype != hidden.dtype and torch.float64 in (weight.dtype,
+                                                                                                 hidden.dtype)):
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype} (or both be among float32, "
+                        "bfloat16, float16: mixed inputs compute in float32)")
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
     if targets.dtype not in INT_DTYPES:

@@ -6,6 +6,7 @@ the tiles in the backward.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -65,6 +66,13 @@ def _grad_hidden_from_basis(grad_logp, grad_lse, target_rows, target_slopes, bas
     return d_h * transform.chain if transform.chain != 1.0 else d_h
 
 
+def _no_autocast(device: torch.device):
+    """The op computes in the dtypes of its inputs with fp32 accumulation, whatever autocast says around it."""
+    if device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 _SECOND_ORDER = ("linear_logprobs is differentiable once: its gradients carry no graph, so double backward "
                  "(create_graph=True, gradient penalties) through it is not supported")
 
@@ -119,7 +127,7 @@ class _LinearLogprobs(torch.autograd.Function):
         t = targets.index_select(0, kept) if compact else targets
         frozen_head = (ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
                        and not (bias is not None and ctx.needs_input_grad[2]))
-        with _zero3.gathered(weight, bias):
+        with _zero3.gathered(weight, bias), _no_autocast(hidden.device):
             rows = backend.forward(h.contiguous(), weight.contiguous(), bias, t.contiguous(), transform, options,
                                    with_basis=frozen_head, stats=stats)
             check_finite_lse(rows.lse, kept)
@@ -170,7 +178,7 @@ class _LinearLogprobs(torch.autograd.Function):
             d_h, d_w, d_b = _grad_hidden_from_basis(g_logp, g_lse, target_rows, target_slopes, basis,
                                                     ctx.transform).to(hidden_dtype), None, None
         else:
-            with _zero3.gathered(weight, bias):
+            with _zero3.gathered(weight, bias), _no_autocast(device):
                 d_h, d_w, d_b = ctx.backend.backward(
                     g_logp, g_lse, g_entropy, select(hidden).contiguous(), weight.contiguous(), bias,
                     t.contiguous(), lse_kept, entropy_kept, ctx.transform, ctx.options, needed)
@@ -205,8 +213,9 @@ def linear_logprobs(
     Args:
         hidden: [..., D] float32 / bfloat16 / float16 (float64 with backend "torch", for gradcheck); finite.
             ``hidden[..., t, :]`` predicts ``targets[..., t]`` (shift before calling).
-        weight: [V, D], same dtype as ``hidden`` (the LM head); finite. A DeepSpeed ZeRO-3 partitioned
-            parameter is gathered for the forward and for a recomputing backward.
+        weight: [V, D] (the LM head), finite; the dtype of ``hidden``, or another of fp32 / bf16 / fp16 (mixed
+            inputs are multiplied in fp32, without a copy of the head). A DeepSpeed ZeRO-3 partitioned parameter is
+            gathered for the forward and for a recomputing backward.
         targets: [...] integer class ids (any integer dtype) in [0, V), or ``ignore_index``.
         bias: optional [V], same dtype as ``weight``; may hold -inf (masked tokens), not NaN / +inf.
         ignore_index: targets equal to it get 0 in every output and zero gradient; they cost no compute.
@@ -231,6 +240,13 @@ def linear_logprobs(
         TypeError / ValueError naming the argument (and position) at fault; FloatingPointError if finite
         inputs overflow float32 logits. See :mod:`logo_kernels._validation` for the non-finite policy.
     """
+    with _zero3.gathered(weight, bias):  # a ZeRO-3 partitioned head holds no data outside its module's forward
+        return _linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
+                                backend, chunk_size, return_lse, outputs, deterministic)
+
+
+def _linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale, backend,
+                     chunk_size, return_lse, outputs, deterministic):
     check_linear_inputs(hidden, weight, targets, bias)
     check_transform(temperature, softcap, logit_scale)
     ignore_index = check_ignore_index(ignore_index)

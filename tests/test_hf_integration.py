@@ -105,11 +105,3 @@ def test_response_hidden_states_shift_and_grouping():
     assert cu.tolist() == [0, 1, 3, 5, 6, 6]  # sequence 4 has no scored token
     assert targets.tolist() == [14, 21, 22, 11, 12, 23]
     assert h.squeeze(1).tolist() == [3.0, 6.0, 7.0, 0.0, 1.0, 8.0]  # the position before each label
-
-
-def test_trainable_head_under_zero3_is_refused():
-    model = tiny_llama()
-    model.lm_head.weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
-    input_ids, attention_mask, labels = preference_batch()
-    with pytest.raises(NotImplementedError, match="trainable lm_head under ZeRO-3"):
-        causal_lm_logo_loss(model, input_ids, labels, lk.LogoLoss(), attention_mask=attention_mask)

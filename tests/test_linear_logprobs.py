@@ -385,3 +385,28 @@ def check_huge_case(backend):
     torch.testing.assert_close(ours.logp.double(), logp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ours.d_hidden.double(), d_hidden, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.d_weight.double(), d_weight, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("hidden_dtype, weight_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                        (torch.float16, torch.bfloat16)])
+def test_mixed_hidden_and_head_dtypes_compute_in_fp32(backend, hidden_dtype, weight_dtype):
+    """TRL's cast_lm_head_to_fp32 passes fp32 hidden states with a bf16 head (and the reverse happens): the tiles
+    multiply in fp32 — as exact as the fp64 reference of the rounded inputs allows — and each gradient comes back
+    in its input's dtype, without a full-precision copy of the head."""
+    hidden, weight, targets, b, g = make_inputs(120, 900, 32, seed=21)
+    hidden, weight, b = hidden.to(hidden_dtype), weight.to(weight_dtype), b.to(weight_dtype)
+    truth = materialized(hidden.double(), weight.double(), targets, b.double(), grad_logp=g, softcap=9.0)
+    naive = materialized(hidden.float(), weight.float(), targets, b.float(), grad_logp=g, softcap=9.0, dtype=None)
+    ours = run_fused(hidden, weight, targets, b, g, backend=backend, softcap=9.0)
+    assert ours.d_hidden.dtype == hidden_dtype and ours.d_weight.dtype == weight_dtype
+    assert_close_to_reference(ours, truth, naive, torch.bfloat16, names=("logp", "lse", "d_hidden", "d_weight",
+                                                                         "d_bias") + STATS)
+
+
+def test_autocast_around_the_op_changes_nothing(backend):
+    hidden, weight, targets, b, g = make_inputs(64, 500, 16, seed=22)
+    plain = run_fused(hidden, weight, targets, b, g, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run_fused(hidden, weight, targets, b, g, backend=backend)
+    for name, value in cast.tensors().items():
+        torch.testing.assert_close(value, plain.tensors()[name], rtol=0, atol=0, msg=name)

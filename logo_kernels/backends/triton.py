@@ -45,9 +45,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
-def _dot_fp32(dtype: torch.dtype) -> bool:
-    # fp32: exact (ieee) products, as torch's fp32 matmul; bf16: the interpreter's bf16 dot is wrong
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+def _tile_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype whose tile table applies: fp32 when the operands differ (they are multiplied in fp32)."""
+    return hidden.dtype if hidden.dtype == weight.dtype else torch.float32
+
+
+def _dot_fp32(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    # fp32 (or mixed dtypes): exact (ieee) fp32 products, as torch's fp32 matmul; bf16: the interpreter's bf16 dot
+    # is wrong
+    if hidden_dtype != weight_dtype or hidden_dtype == torch.float32:
+        return True
+    return hidden_dtype == torch.bfloat16 and interpreting()
 
 
 def _autotune() -> bool:
@@ -100,8 +108,8 @@ def _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, so
                 logit_scale=logit_scale, inv_temp=inv_temperature, softcap=softcap or 1.0)
 
 
-def _common_flags(hidden, bias, softcap):
-    return dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, DOT_FP32=_dot_fp32(hidden.dtype))
+def _common_flags(hidden, weight, bias, softcap):
+    return dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, DOT_FP32=_dot_fp32(hidden.dtype, weight.dtype))
 
 
 def _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weight, bias, targets, lse, logit_scale,
@@ -116,9 +124,9 @@ def _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weig
     args.update(lse_ptr=lse, g_ptr=grad_logp, glse_ptr=grad_lse if grad_lse is not None else grad_logp,
                 gent_ptr=grad_entropy if grad_entropy is not None else grad_logp,
                 ent_ptr=entropy if grad_entropy is not None else grad_logp, dh_ptr=grad)
-    flags = dict(_common_flags(hidden, bias, softcap), HAS_GLSE=grad_lse is not None, HAS_ENT=grad_entropy is not None)
+    flags = dict(_common_flags(hidden, weight, bias, softcap), HAS_GLSE=grad_lse is not None, HAS_ENT=grad_entropy is not None)
     _launch("grad_hidden", grad_hidden_kernel, lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),), args, flags,
-            hidden.dtype, n, weight.shape[0], dim, chunk_size, reset=("dh_ptr",))
+            _tile_dtype(hidden, weight), n, weight.shape[0], dim, chunk_size, reset=("dh_ptr",))
     return grad
 
 
@@ -146,10 +154,10 @@ def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         args.update(logp_ptr=logp, lse_ptr=lse, ent_ptr=entropy if want_entropy else lse,
                     lsq_ptr=log_sum_sq if want_log_sum_sq else lse, mean_ptr=mean_logits if want_mean else lse,
                     top1_ptr=top1 if want_top1 else targets)
-        flags = dict(_common_flags(hidden, bias, softcap), WANT_ENTROPY=want_entropy, WANT_LSQ=want_log_sum_sq,
+        flags = dict(_common_flags(hidden, weight, bias, softcap), WANT_ENTROPY=want_entropy, WANT_LSQ=want_log_sum_sq,
                      WANT_MEAN=want_mean, WANT_TOP1=want_top1)
         _launch("forward", forward_kernel, lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),), args, flags,
-                hidden.dtype, n, vocab, dim, chunk)
+                _tile_dtype(hidden, weight), n, vocab, dim, chunk)
     basis = hidden.new_empty(0, dtype=torch.float32)
     if with_basis:  # Q = (softmax * slope) @ W = dH / chain for g_logp = 0, g_lse = 1
         basis = _launch_grad_hidden(torch.zeros_like(lse), torch.ones_like(lse), None, None, hidden, weight, bias,
@@ -189,7 +197,7 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
     coefficient_args = dict(lse_ptr=lse, g_ptr=grad_logp, glse_ptr=grad_lse if grad_lse is not None else grad_logp,
                             gent_ptr=grad_entropy if grad_entropy is not None else grad_logp,
                             ent_ptr=entropy if grad_entropy is not None else grad_logp)
-    flags = dict(_common_flags(hidden, bias, softcap), HAS_GLSE=grad_lse is not None,
+    flags = dict(_common_flags(hidden, weight, bias, softcap), HAS_GLSE=grad_lse is not None,
                  HAS_ENT=grad_entropy is not None)
     if not deterministic and n > 0:
         dh32 = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device) if need_hidden else lse
@@ -197,8 +205,8 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
         args.update(coefficient_args, dh_ptr=dh32, dw_ptr=dw32, db_ptr=db32)
         grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]) * triton_cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
         _launch("grad_fused", grad_fused_kernel, grid, args,
-                dict(flags, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias), hidden.dtype, n, vocab,
-                dim, chunk, reset=("dh_ptr", "dw_ptr", "db_ptr"))
+                dict(flags, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias), _tile_dtype(hidden, weight), n,
+                vocab, dim, chunk, reset=("dh_ptr", "dw_ptr", "db_ptr"))
         if need_hidden:
             d_h = dh32.to(hidden.dtype)
     else:
@@ -209,8 +217,8 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
             args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
             args.update(coefficient_args, dw_ptr=dw32, db_ptr=db32)
             _launch("grad_weight", grad_weight_kernel, lambda meta: (triton_cdiv(vocab, meta["BLOCK_V"]),), args,
-                    dict(flags, NEED_DW=need_weight, NEED_DB=need_bias), hidden.dtype, n, vocab, dim, chunk,
-                    reset=("dw_ptr", "db_ptr"))
+                    dict(flags, NEED_DW=need_weight, NEED_DB=need_bias), _tile_dtype(hidden, weight), n, vocab, dim,
+                    chunk, reset=("dw_ptr", "db_ptr"))
     if need_weight:
         d_w = dw32.to(weight.dtype)
     if need_bias:

@@ -1,19 +1,36 @@
-"""Hugging Face causal LMs: run the backbone, score only the labelled positions with the fused loss.
+"""Hugging Face causal LMs on the fused op: the model's ``[rows, length, vocab]`` logits are never computed.
 
-The model's ``[rows, length, vocab]`` logits are never computed: the decoder's last hidden states are
-gathered at the positions whose next-token label is not ``ignore_index`` and passed, with the LM-head
-weight, to :func:`logo_kernels.logo_loss`. Works for plain and peft-wrapped models of the Llama, Mistral
-and Qwen2 families (any ``*ForCausalLM`` whose decoder is ``model.<base_model_prefix>`` and whose head is
-``get_output_embeddings()``). A LoRA adapter on ``lm_head`` is applied exactly (W + ΔW). Under DeepSpeed
-ZeRO-3 the head weight is gathered with ``deepspeed.zero.GatheredParameters`` for the loss.
+Two entry points:
+
+* :func:`apply` / :func:`revert` — for plain Hugging Face users (``Trainer``, accelerate, own loops): after
+  ``apply(model)``, ``model(input_ids, labels=labels)`` returns the causal-LM loss computed by
+  :func:`logo_kernels.linear_logprobs` from the decoder's hidden states — Hugging Face's shift (position t-1
+  predicts ``labels[t]``; pre-shifted ``shift_labels``, passed with ``labels`` as Hugging Face wants, are scored
+  as given), the mean over non-ignored tokens,
+  ``num_items_in_batch`` honoured (sum / num_items_in_batch, as the ``Trainer`` passes under gradient
+  accumulation) — with ``logits=None``. Calls without labels (generation, evaluation of logits) run the
+  original forward, untouched.
+* :func:`causal_lm_logo_loss` / :func:`head_logo_loss` — the LOGO loss of preference rows.
+
+Any ``*ForCausalLM`` whose decoder is ``model.<base_model_prefix>`` and whose head is ``get_output_embeddings()``:
+Llama, Mistral, Qwen2/3, Gemma 2/3 (``final_logit_softcapping``), Phi-3, Cohere (``logit_scale``), Granite
+(``logits_scaling``), ...; plain or peft-wrapped (a LoRA adapter on ``lm_head`` is applied exactly, W + ΔW).
+Under DeepSpeed ZeRO-3 the op gathers the head for its forward and again for its backward, and the head's
+gradient goes to its partitions like any other (a trainable head works).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import types
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from .._zero3 import gathered
+from ..linear_logprobs import linear_logprobs
 from ..losses.logo import LogoLoss, LogoLossOutput
 
 
@@ -29,18 +46,34 @@ def unwrap_causal_lm(model):
     return model
 
 
-def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[float]]:
-    """(decoder backbone, LM-head module, final logit softcap or None) of a causal LM."""
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model does to its logits after the head: ``softcap`` (Gemma 2/3) and a scale (Cohere's
+    ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Granite's 1 / ``logits_scaling``)."""
+
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+    @classmethod
+    def of(cls, config) -> "HeadTransform":
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = getattr(text, "logit_scale", None)
+        if scale is None:
+            scale = getattr(text, "lm_head_multiplier", None)
+        if scale is None and getattr(text, "logits_scaling", None) is not None:
+            scale = 1.0 / text.logits_scaling
+        return cls(getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else float(scale))
+
+
+def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, HeadTransform]:
+    """(decoder backbone, LM-head module, what the model does to its logits) of a causal LM."""
     lm = unwrap_causal_lm(model)
     backbone = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if backbone is None or head is None:
         raise TypeError(f"{type(lm).__name__} does not look like a causal LM (needs .{lm.base_model_prefix} and "
                         "get_output_embeddings())")
-    config = getattr(lm, "config", None)
-    if getattr(config, "logit_scale", None) not in (None, 1.0):
-        raise NotImplementedError("models with config.logit_scale != 1 are not supported yet")
-    return backbone, head, getattr(config, "final_logit_softcapping", None)
+    return backbone, head, HeadTransform.of(lm.config)
 
 
 def lm_head_weight_and_bias(head: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -107,21 +140,24 @@ def decoder_hidden_states(model, input_ids: torch.Tensor, *, attention_mask: Opt
 
 def head_logo_loss(model, hidden: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
                    loss_fn: LogoLoss) -> LogoLossOutput:
-    """``loss_fn`` on gathered hidden states [T, D] with the model's LM head (LoRA on it applied exactly,
-    final-logit softcap honoured, gathered under ZeRO-3)."""
-    _, head, softcap = causal_lm_parts(model)
-    base = getattr(head, "base_layer", head)
-    if hasattr(base.weight, "ds_id") and torch.is_grad_enabled() and any(
-            p.requires_grad for p in head.parameters()):
-        # The head weight is gathered only for this block; a trainable head would need its gradient
-        # reduced into the partitions, which is not wired (yet). A frozen head (LoRA) saves what its
-        # backward needs (W[target] rows) before the block ends.
-        raise NotImplementedError("a trainable lm_head under ZeRO-3 is not supported by the fused loss yet: "
-                                  "freeze lm_head (LoRA) or use ZeRO-1/2")
+    """``loss_fn`` on gathered hidden states [T, D] with the model's LM head (LoRA on it applied exactly, the
+    model's softcap / logit scale honoured; under ZeRO-3 the op gathers the head itself)."""
+    _, head, transform = causal_lm_parts(model)
+    with effective_head(head) as (weight, bias):
+        return loss_fn(hidden, weight, targets, cu_seqlens, bias, softcap=transform.softcap,
+                       logit_scale=transform.logit_scale)
+
+
+@contextlib.contextmanager
+def effective_head(head: torch.nn.Module):
+    """(weight, bias) of the head for the block: the parameters themselves (the op gathers them under ZeRO-3),
+    or W + ΔW of a LoRA-wrapped head, computed with W gathered."""
+    if not hasattr(head, "base_layer"):
+        yield lm_head_weight_and_bias(head)
+        return
+    base = head.base_layer
     with gathered(base.weight, getattr(base, "bias", None)):
-        weight, bias = lm_head_weight_and_bias(head)
-        return loss_fn(hidden, weight.to(hidden.dtype), targets, cu_seqlens,
-                       None if bias is None else bias.to(hidden.dtype), softcap=softcap)
+        yield lm_head_weight_and_bias(head)
 
 
 def causal_lm_logo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss_fn: LogoLoss, *,
@@ -141,3 +177,83 @@ def causal_lm_logo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, lo
     h, targets, cu_seqlens = response_hidden_states(hidden, labels, sequence_ids, num_sequences,
                                                     loss_fn.ignore_index)
     return head_logo_loss(model, h, targets, cu_seqlens, loss_fn)
+
+
+# ---- apply / revert: model(input_ids, labels=...) returns the fused causal-LM loss ---------------------------
+_ORIGINAL = "_logo_kernels_original_forward"
+
+
+def apply(model, *, backend: str = "auto"):
+    """Patches ``model`` (a ``*ForCausalLM``, plain or peft-wrapped) so that calls with ``labels`` return the fused
+    loss and ``logits=None`` (module doc); returns ``model``. Idempotent."""
+    lm = unwrap_causal_lm(model)
+    causal_lm_parts(lm)  # raises for anything that is not a causal LM
+    text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if getattr(text, "output_router_logits", False):
+        raise NotImplementedError(f"{type(lm).__name__} adds a router load-balancing loss (output_router_logits): "
+                                  "not supported by hf.apply")
+    if hasattr(lm, _ORIGINAL):
+        return model
+    original = lm.forward
+    signature = inspect.signature(type(lm).forward)
+
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(type(lm).forward)  # keeps the signature: generate() validates its kwargs against it
+    def fused_forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs).arguments
+        extra = bound.pop(var_keyword, {}) if var_keyword else {}
+        named = {**{k: v for k, v in bound.items() if k != "self"}, **extra}
+        labels, shift_labels = named.pop("labels", None), named.pop("shift_labels", None)
+        if labels is None:  # as Hugging Face: no labels, no loss (shift_labels only replace the shifted labels)
+            return original(*args, **kwargs)
+        return _fused_loss(self, named, labels, shift_labels, backend)
+
+    setattr(lm, _ORIGINAL, original)
+    lm.forward = types.MethodType(fused_forward, lm)
+    return model
+
+
+def revert(model):
+    """Undoes :func:`apply`; returns ``model``. Idempotent."""
+    lm = unwrap_causal_lm(model)
+    if hasattr(lm, _ORIGINAL):
+        del lm.forward  # the instance attribute: the class's forward shows through again
+        delattr(lm, _ORIGINAL)
+    return model
+
+
+def is_applied(model) -> bool:
+    return hasattr(unwrap_causal_lm(model), _ORIGINAL)
+
+
+_NOT_FOR_THE_BACKBONE = ("logits_to_keep", "num_items_in_batch", "return_dict")
+
+
+def _fused_loss(lm, named: dict, labels, shift_labels, backend: str):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items_in_batch = named.get("num_items_in_batch")
+    backbone, head, transform = causal_lm_parts(lm)
+    outputs = backbone(**{k: v for k, v in named.items() if k not in _NOT_FOR_THE_BACKBONE})
+    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+    if shift_labels is None:  # position t - 1 predicts labels[t]
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(targets.shape)} do not match the sequence {tuple(hidden.shape[:-1])}")
+    targets = targets.to(hidden.device)
+    scored = targets != -100
+    with effective_head(head) as (weight, bias):
+        logp = linear_logprobs(hidden[scored], weight, targets[scored], bias, softcap=transform.softcap,
+                               logit_scale=transform.logit_scale, backend=backend)
+    total = -logp.sum()
+    if num_items_in_batch is None:  # mean over the scored tokens (0 / 0 = nan when there is none, as in HF)
+        loss = total / scored.sum()
+    else:
+        loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                        else num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
+                                  hidden_states=getattr(outputs, "hidden_states", None),
+                                  attentions=getattr(outputs, "attentions", None))

@@ -103,6 +103,7 @@ def logo_loss(
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
     backend: str = "auto",
 ) -> LogoLossOutput:
     """LOGO loss from the hidden states of response tokens (formula in the module doc).
@@ -116,7 +117,7 @@ def logo_loss(
             example as [chosen, rejected_1..rejected_M].
         num_negatives: M. beta, gamma: reward scale and target margin. sft_weight: λ of the SFT term.
         loss_type: "sigmoid" or "hinge". label_smoothing: ε (sigmoid only).
-        temperature, softcap, backend: passed to :func:`logo_kernels.linear_logprobs`.
+        temperature, softcap, logit_scale, backend: passed to :func:`logo_kernels.linear_logprobs`.
     """
     if loss_type not in LOGO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOGO_LOSS_TYPES)}, got {loss_type!r}")
@@ -127,7 +128,7 @@ def logo_loss(
         raise ValueError(f"hidden must be [T, D] and targets [T], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     check_sequences(cu_seqlens, targets.shape[0], num_negatives)
     logp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-                           softcap=softcap, backend=backend)
+                           softcap=softcap, logit_scale=logit_scale, backend=backend)
     means = sequence_mean_logps(logp, targets != ignore_index, cu_seqlens, num_negatives)
     chosen, rejected = means[:, 0], means[:, 1:]
     out = preference_loss(chosen, rejected, loss_type=LOGO_LOSS_TYPES[loss_type], beta=beta, gamma=gamma,
@@ -165,11 +166,11 @@ class LogoLoss(nn.Module):
             loss_type, label_smoothing, ignore_index, backend)
 
     def forward(self, hidden, weight, targets, cu_seqlens, bias=None, *, temperature: float = 1.0,
-                softcap: Optional[float] = None) -> LogoLossOutput:
+                softcap: Optional[float] = None, logit_scale: float = 1.0) -> LogoLossOutput:
         return logo_loss(hidden, weight, targets, cu_seqlens, num_negatives=self.num_negatives, beta=self.beta,
                          gamma=self.gamma, sft_weight=self.sft_weight, loss_type=self.loss_type,
                          label_smoothing=self.label_smoothing, ignore_index=self.ignore_index, bias=bias,
-                         temperature=temperature, softcap=softcap, backend=self.backend)
+                         temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_negatives={self.num_negatives}, beta={self.beta}, gamma={self.gamma}, "

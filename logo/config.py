@@ -84,12 +84,16 @@ class TrainConfig:
     # optimisation
     learning_rate: float = _opt(5e-7, "peak learning rate (the authors' release: 5e-7; their experiments span "
                                       "1e-6 .. 1e-4)", low=0, low_open=True)
-    lr_schedule: str = _opt("cosine", "after warmup", ("cosine", "constant"))
-    warmup_steps: int = _opt(100, "linear warmup steps", low=0)
-    weight_decay: float = _opt(0.0, "AdamW weight decay", low=0)
-    adam_betas: Tuple[float, float] = _opt((0.9, 0.95), "AdamW betas", low=0, high=1, high_open=True)
-    max_grad_norm: float = _opt(1.0, "gradient clipping (0: off)", low=0)
-    max_steps: int = _opt(1000, "optimizer steps", low=1, resume="free")
+    lr_schedule: str = _opt("warmup_constant", "warmup_constant: DeepSpeed WarmupLR's log-shaped warm-up then "
+                                               "constant (the authors' runs); cosine / constant: linear warm-up, then "
+                                               "cosine to 0 or constant", ("warmup_constant", "cosine", "constant"))
+    warmup_steps: int = _opt(120, "warm-up steps (the authors': 120 of 1200)", low=0)
+    weight_decay: float = _opt(0.05, "AdamW weight decay (the authors': 0.05)", low=0)
+    adam_betas: Tuple[float, float] = _opt((0.9, 0.999), "AdamW betas (the authors' DeepSpeed AdamW)", low=0, high=1,
+                                           high_open=True)
+    adam_eps: float = _opt(1e-8, "AdamW epsilon", low=0, low_open=True)
+    max_grad_norm: float = _opt(1.0, "gradient clipping (0: off; the authors' ZeRO-3 runs did not clip)", low=0)
+    max_steps: int = _opt(1200, "optimizer steps (the authors': 1200; global batch 64)", low=1, resume="free")
     batch_rows: int = _opt(1, "packed rows (examples) per device per micro-batch", low=1)
     grad_accum: int = _opt(8, "micro-batches per optimizer step", low=1)
     seed: int = _opt(42, "seed of model init, data order, positions", low=0, high=2**31 - 1)
@@ -192,8 +196,9 @@ def _check_field(f: dataclasses.Field, value) -> None:
 # The embedded default: a tiny model trained from scratch on the synthetic task in minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS: Dict[str, Any] = dict(
     dtype="fp32", finetune="full", gradient_checkpointing=False, window=8192, max_context_tokens=2048,
-    max_response_tokens=64, learning_rate=2e-3, warmup_steps=10, max_steps=150, batch_rows=4, grad_accum=1,
-    beta=2.0, gamma=0.5, sft_weight=1.0, save_every=40, output_dir="runs/logo-default")
+    max_response_tokens=64, learning_rate=2e-3, lr_schedule="cosine", warmup_steps=10, weight_decay=0.0,
+    adam_betas=(0.9, 0.95), max_steps=150, batch_rows=4, grad_accum=1, beta=2.0, gamma=0.5, sft_weight=1.0,
+    save_every=40, output_dir="runs/logo-default")
 
 
 def _field_type(f: dataclasses.Field):

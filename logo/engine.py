@@ -31,7 +31,7 @@ class NonFiniteGradient(RuntimeError):
 
 def _optimizer_and_scheduler(config: TrainConfig, params):
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.adam_betas),
-                                  weight_decay=config.weight_decay)
+                                  eps=config.adam_eps, weight_decay=config.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
 

@@ -55,3 +55,22 @@ def test_bench_step_methods_compute_the_same_loss():
         step = bench_step.build_step(method, context=48, response=12, negatives=2, vocab=300, dim=64, layers=2)
         losses.append(float(inspect.getclosurevars(step).nonlocals["loss"]().detach()))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the benchmark compares like with like
+
+
+def test_bench_trl_smoke(tmp_path):
+    pytest.importorskip("trl")
+    rows = run_bench("bench_trl.py", ["--n", "32", "--dim", "8", "--vocab", "300", "--hidden", "64", "--batch", "2",
+                                      "--prompt", "8", "--completion", "16", "--rounds", "1"], tmp_path)
+    assert {(r["part"], r["kernel"]) for r in rows} == {("op", "trl"), ("op", "trl+entropy"), ("op", "ours"),
+                                                        ("op", "ours+entropy"), ("dpo", "trl"), ("dpo", "ours"),
+                                                        ("grpo", "trl"), ("grpo", "ours")}
+    assert all(float(r["median_s"]) > 0 for r in rows) and all(r["time_vs_trl"] for r in rows)
+
+
+def test_positions_coverage_script(tmp_path):
+    out = tmp_path / "positions.csv"
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "positions_coverage.py"), "--draws", "20",
+                             "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    rows = {r["strategy"]: r for r in csv.DictReader(open(out))}
+    assert set(rows) == {"continuous", "sparse", "slots", "mixed"} and "bins hit" in result.stdout
+    assert float(rows["continuous"]["mean_tail_start"]) > 0.9 * 65536

@@ -1,5 +1,6 @@
 """python -m logo.train: config, run directory, exact resume, NaN stop, atomic checkpoints, accumulation."""
 import json
+import math
 import os
 
 import pytest
@@ -139,24 +140,70 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     assert latest_checkpoint(str(checkpoints)).endswith("step-4")
 
 
-@pytest.mark.parametrize("recipe", ["llama3-8b-instruct-80k", "llama3-8b-instruct-8k", "mistral-7b-instruct-v0.2"])
+RECIPES = {  # recipe: (beta, gamma, window, rope_theta, max_position_embeddings, DeepSpeed stage, schedule, steps)
+    "llama3-8b-instruct-80k": (10.0, 3.0, 65536, None, None, 3, "warmup_constant", 1200),
+    "llama3-8b-instruct-8k": (10.0, 3.0, 65536, 2e8, 81920, 3, "warmup_constant", 1200),
+    "llama2-7b-chat-4k": (3.0, 0.6, 32768, 5e5, 32768, 2, "cosine", 1000),
+    "mistral-7b-instruct-v0.2": (2.5, 0.25, 32768, None, None, 3, "warmup_constant", 1200),
+}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
 def test_shipped_recipes_parse_and_fill_the_deepspeed_config(recipe, monkeypatch):
     from logo.distributed import World, deepspeed_config
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.chdir(root)  # the recipes name their DeepSpeed config relative to the repository
+    monkeypatch.chdir(ROOT)  # the recipes name their DeepSpeed config relative to the repository
     config, _ = parse_config(["--config", f"configs/{recipe}.yaml", "--model", "/models/x"])
-    assert (config.num_negatives, config.sft_weight, config.lora_r, config.lora_alpha, config.window) == (2, 0.1, 32, 16,
-                                                                                                          65536)
+    beta, gamma, window, theta, max_pos, stage, schedule, steps = RECIPES[recipe]
+    assert (config.beta, config.gamma, config.window, config.rope_theta, config.max_position_embeddings) == (
+        beta, gamma, window, theta, max_pos)
+    assert (config.num_negatives, config.sft_weight, config.lora_r, config.lora_alpha) == (2, 0.1, 32, 16)
+    assert (config.lr_schedule, config.max_steps, config.adam_betas, config.weight_decay) == (
+        schedule, steps, (0.9, 0.999), 0.05)
     assert "embed_tokens" in config.lora_targets and config.dtype == "bf16" and config.gradient_checkpointing
-    assert (config.beta, config.gamma) == ((2.5, 0.25) if "mistral" in recipe else (10.0, 3.0))
-    if recipe.endswith("8k"):
-        assert (config.rope_theta, config.max_position_embeddings) == (2e8, 81920)
     ds = deepspeed_config(config, World(size=8))
-    assert ds["train_batch_size"] == 64 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 64 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == stage
     for name in ("zero2", "zero2_offload", "zero3_offload"):
         config.deepspeed = f"configs/{name}.json"
         assert deepspeed_config(config, World(size=2))["train_micro_batch_size_per_gpu"] == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_data(tmp_path_factory):
+    """A saved tiny Llama with the offline tokenizer, and a small preference file of the synthetic task."""
+    from logo.data.records import write_preference_file
+    from logo.data.synthetic import make_kv_records
+    from logo.data.tokenizer import default_tokenizer
+
+    root = tmp_path_factory.mktemp("recipe")
+    tokenizer = default_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "model"))
+    tokenizer.save_pretrained(str(root / "model"))
+    write_preference_file(make_kv_records(4, context_words=150), str(root / "prefs.jsonl"))
+    return str(root / "model"), str(root / "prefs.jsonl")
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_each_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model_and_data, tmp_path, monkeypatch):
+    """The recipe's whole option set (LoRA on q/k/v/o and the embeddings, bf16, checkpointing, RoPE overrides,
+    its schedule and optimizer) on a tiny model, shrunk only in length and in processes (no DeepSpeed launcher)."""
+    model, prefs = tiny_model_and_data
+    monkeypatch.chdir(ROOT)
+    config, _ = parse_config(["--config", f"configs/{recipe}.yaml", "--model", model, "--train-file", prefs,
+                              "--deepspeed", "none", "--window", "4096", "--max-context-tokens", "256",
+                              "--max-response-tokens", "32", "--max-steps", "2", "--grad-accum", "1",
+                              "--save-every", "0", "--warmup-steps", "1", "--no-progress",
+                              "--output-dir", str(tmp_path / recipe)])
+    results = train_module.train(config)
+    assert results["steps"] == 2
+    losses = train_losses(config.output_dir)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    assert os.path.isfile(os.path.join(config.output_dir, "final", "adapter_model.safetensors"))
 
 
 @pytest.mark.slow

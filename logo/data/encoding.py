@@ -25,20 +25,27 @@ _RESPONSE_MARK = "\x00LOGO_RESPONSE\x00"
 
 @dataclass
 class EncodedExample:
-    """Token ids of one record: prompt = head + context + tail; responses[0] chosen, then the rejected."""
+    """Token ids of one record: prompt = head + context + tail; responses[0] chosen, then the rejected.
+
+    ``context_chunks``: the token lengths of the record's own chunks when its context is a list of several
+    (the builder's chunks, the ones it scored); None for a single context string, which is cut every
+    ``chunk_tokens`` tokens instead."""
 
     id: str
     head: List[int]
     context: List[int]
     tail: List[int]
     responses: List[List[int]]
+    context_chunks: Optional[List[int]] = None
 
     @property
     def prompt(self) -> List[int]:
         return self.head + self.context + self.tail
 
     def chunk_lengths(self, chunk_tokens: int) -> List[int]:
-        """Lengths of the context split into chunks of ``chunk_tokens`` (the last may be shorter)."""
+        """The record's own chunk lengths, or the context cut into chunks of ``chunk_tokens`` (the last shorter)."""
+        if self.context_chunks is not None:
+            return list(self.context_chunks)
         n = len(self.context)
         return [min(chunk_tokens, n - s) for s in range(0, n, chunk_tokens)]
 
@@ -88,11 +95,31 @@ def prompt_pieces(tokenizer, record: PreferenceRecord) -> Tuple[str, str, str, T
     return head, context, f"\n\nQuestion: {record.question}\nAnswer:", (" ", tokenizer.eos_token or "")
 
 
-def _truncate_middle(ids: List[int], limit: Optional[int]) -> List[int]:
+def _truncate_middle(ids: List[int], limit: Optional[int], chunks: Optional[List[int]] = None):
+    """(ids cut in the middle to ``limit``, the chunk lengths cut accordingly: empty chunks dropped)."""
     if limit is None or len(ids) <= limit:
-        return ids
+        return ids, chunks
     keep_head = limit // 2
-    return ids[:keep_head] + ids[len(ids) - (limit - keep_head):]
+    cut_from, cut_to = keep_head, len(ids) - (limit - keep_head)
+    if chunks is not None:
+        kept, start = [], 0
+        for length in chunks:
+            end = start + length
+            remaining = length - max(0, min(end, cut_to) - max(start, cut_from))
+            if remaining > 0:
+                kept.append(remaining)
+            start = end
+        chunks = kept
+    return ids[:cut_from] + ids[cut_to:], chunks
+
+
+def _context_ids(tokenizer, chunks: Sequence[str]):
+    """(context ids, chunk lengths or None): one chunk tokenized at a time when there are several, each but the
+    last ending with the "\n\n" that joins them in the rendered prompt."""
+    if len(chunks) == 1:
+        return _ids(tokenizer, chunks[0]), None
+    pieces = [_ids(tokenizer, chunk + ("\n\n" if i < len(chunks) - 1 else "")) for i, chunk in enumerate(chunks)]
+    return [t for piece in pieces for t in piece], [len(piece) for piece in pieces if piece]
 
 
 def encode_record(record: PreferenceRecord, tokenizer, *, num_negatives: Optional[int] = None,
@@ -113,9 +140,10 @@ def encode_record(record: PreferenceRecord, tokenizer, *, num_negatives: Optiona
         responses.append(ids if max_response_tokens is None else ids[:max_response_tokens])
     if any(not r for r in responses):
         raise ValueError(f"record {record.id!r}: a response encodes to no tokens")
-    return EncodedExample(str(record.id), _ids(tokenizer, head),
-                          _truncate_middle(_ids(tokenizer, context), max_context_tokens), _ids(tokenizer, tail),
-                          responses)
+    context_ids, chunk_lengths = _context_ids(tokenizer, record.context)
+    context_ids, chunk_lengths = _truncate_middle(context_ids, max_context_tokens, chunk_lengths)
+    return EncodedExample(str(record.id), _ids(tokenizer, head), context_ids, _ids(tokenizer, tail), responses,
+                          chunk_lengths)
 
 
 def encode_prompt(record: PreferenceRecord, tokenizer, **kwargs) -> List[int]:

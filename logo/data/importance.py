@@ -1,15 +1,27 @@
 """Chunk importance for the data builder (paper §3.2.2, App. C): salient-term overlap with the question.
 
-The score of a chunk is the number of distinct salient terms it shares with the question (and the gold
-answer when given). Salient terms are, by default, lower-cased word tokens that are not stopwords and
-have >= 3 characters, plus numbers; with ``use_spacy=True`` (spaCy and a pipeline such as
-``en_core_web_sm`` installed) they are the named entities and noun/verb lemmas, as in the authors' code.
+A chunk's score is the number of distinct salient terms it shares with the query. Three scorers:
+
+* ``entities`` (the paper): spaCy named entities of the chunk ∩ those of the question. A chunk is critical
+  when its score exceeds δ (default 6, the paper's).
+* ``release`` (the authors' code, ``ImportanceScoring.py``): entities ∪ noun / verb lemmas, the query being the
+  question *and* the gold answer; the release keeps chunks with overlap >= 3, i.e. δ = 2. Needs a trained
+  pipeline with a tagger and lemmatizer (``en_core_web_sm`` / ``_lg``; the release used ``en_core_web_lg``).
+* ``words`` (the fallback, no spaCy): lower-cased non-stopword words of >= 3 characters and numbers, the query
+  being the question and the answer; δ = 1 (two shared content words).
+
+``make_scorer("auto")`` picks ``entities`` when spaCy and an English pipeline load, else ``words`` (and says so).
+A pipeline is a name (``en_core_web_sm``), a path, or a ready ``nlp`` object (tests use ``spacy.blank("en")``
+with an entity ruler: real spaCy entities without a download).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, List, Optional, Set
+from typing import Callable, Iterable, List, Optional, Set
+
+from ..errors import ConfigError
 
 STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between both
@@ -22,6 +34,10 @@ said say says like get got make made many much every answer question document te
 """.split())
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+|\d+(?:[.,]\d+)*")
+
+SCORERS = ("auto", "entities", "release", "words")
+#: δ of each scorer: a chunk is critical when its score is > δ.
+DEFAULT_DELTA = {"entities": 6, "release": 2, "words": 1}
 
 
 def salient_terms(text: str) -> Set[str]:
@@ -41,25 +57,56 @@ def _spacy_pipeline(name: str):
     return spacy.load(name, disable=["parser"])
 
 
-def spacy_terms(text: str, model: str = "en_core_web_sm") -> Set[str]:
-    """Named entities and noun/verb/proper-noun lemmas (the authors' salient terms); needs spaCy + model."""
-    doc = _spacy_pipeline(model)(text)
-    terms = {ent.text.lower() for ent in doc.ents}
-    terms |= {tok.lemma_.lower() for tok in doc if tok.pos_ in ("NOUN", "PROPN", "VERB") and not tok.is_stop}
-    return terms
+def entity_terms(doc) -> Set[str]:
+    return {ent.text.lower() for ent in doc.ents}
 
 
-def chunk_scores(chunks: Iterable[str], question: str, answer: Optional[str] = None, *,
-                 use_spacy: bool = False, spacy_model: str = "en_core_web_sm") -> List[int]:
-    """Importance of each chunk: |terms(chunk) ∩ terms(question [+ answer])|."""
-    terms = (lambda t: spacy_terms(t, spacy_model)) if use_spacy else salient_terms
-    query = terms(question) | (terms(answer) if answer else set())
-    return [len(terms(chunk) & query) for chunk in chunks]
+def release_terms(doc) -> Set[str]:
+    """Entities and noun / proper-noun / verb lemmas (the authors' ``ImportanceScoring.py``)."""
+    return entity_terms(doc) | {tok.lemma_.lower() for tok in doc
+                                if tok.pos_ in ("NOUN", "PROPN", "VERB") and not tok.is_stop and tok.lemma_}
 
 
-def spacy_available(model: str = "en_core_web_sm") -> bool:
-    try:
-        _spacy_pipeline(model)
-        return True
-    except Exception:
-        return False
+@dataclass
+class Scorer:
+    """scores(chunks, question, answer) -> [int]; ``delta`` is the scorer's default threshold."""
+
+    name: str
+    terms: Callable[[str], Set[str]]
+    use_answer: bool
+    delta: int
+
+    def scores(self, chunks: Iterable[str], question: str, answer: Optional[str] = None) -> List[int]:
+        query = self.terms(question) | (self.terms(answer) if answer and self.use_answer else set())
+        return [len(self.terms(chunk) & query) for chunk in chunks]
+
+
+def make_scorer(name: str = "auto", nlp=None, spacy_model: str = "en_core_web_sm", log=print) -> Scorer:
+    """The scorer ``name`` (module doc); ``nlp`` is a spaCy pipeline (else ``spacy_model`` is loaded)."""
+    if name not in SCORERS:
+        raise ConfigError(f"--scorer must be one of {SCORERS}, got {name!r}")
+    if name == "words":
+        return Scorer("words", salient_terms, use_answer=True, delta=DEFAULT_DELTA["words"])
+    if nlp is None:
+        try:
+            nlp = _spacy_pipeline(spacy_model)
+        except Exception as error:  # spaCy missing, or the pipeline not installed
+            if name == "auto":
+                log(f"logo.data: spaCy pipeline {spacy_model!r} not available ({type(error).__name__}); scoring "
+                    "chunks by word overlap (--scorer words)")
+                return make_scorer("words")
+            raise ConfigError(f"--scorer {name} needs spaCy and the {spacy_model!r} pipeline ({error}); install "
+                              f"them (pip install 'logo[data]'; python -m spacy download {spacy_model}) or use "
+                              "--scorer words") from None
+    if name in ("auto", "entities"):
+        return Scorer("entities", lambda text: entity_terms(nlp(text)), use_answer=False,
+                      delta=DEFAULT_DELTA["entities"])
+    if "tagger" not in nlp.pipe_names and "morphologizer" not in nlp.pipe_names:
+        raise ConfigError("--scorer release needs a pipeline with a tagger and a lemmatizer (noun / verb lemmas), "
+                          f"e.g. en_core_web_sm; {spacy_model!r} has {nlp.pipe_names}")
+    return Scorer("release", lambda text: release_terms(nlp(text)), use_answer=True, delta=DEFAULT_DELTA["release"])
+
+
+def chunk_scores(chunks: Iterable[str], question: str, answer: Optional[str] = None) -> List[int]:
+    """Word-overlap importance of each chunk (the fallback scorer): |terms(chunk) ∩ terms(question + answer)|."""
+    return make_scorer("words").scores(chunks, question, answer)

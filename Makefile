@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.logo-installed
-EXTRAS ?= test,bench,train,triton
+EXTRAS ?= test,bench,train,triton,trl,eval,data
 PYTEST_ARGS ?=
 
 .PHONY: install train test test-slow bench clean

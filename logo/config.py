@@ -64,6 +64,8 @@ class TrainConfig:
     synthetic_train: int = _opt(512, "synthetic task: training records", low=1)
     synthetic_eval: int = _opt(64, "synthetic task: held-out records", low=0, resume="free")
     synthetic_context_words: int = _opt(1000, "synthetic task: words of filler text per context", low=1)
+    synthetic_keys: int = _opt(4, "synthetic task: keys hidden per context (one is asked)", low=2, high=24)
+    synthetic_values: int = _opt(2, "synthetic task: values per key at most", low=1, high=10)
     use_chat_template: bool = _opt(True, "use the tokenizer's chat template (else the plain template)")
     max_context_tokens: Optional[int] = _opt(16 * 512, "cut longer contexts in the middle (paper: 16 x 512)", low=1)
     max_response_tokens: Optional[int] = _opt(512, "cut longer responses", low=1)
@@ -97,6 +99,18 @@ class TrainConfig:
     batch_rows: int = _opt(1, "packed rows (examples) per device per micro-batch", low=1)
     grad_accum: int = _opt(8, "micro-batches per optimizer step", low=1)
     seed: int = _opt(42, "seed of model init, data order, positions", low=0, high=2**31 - 1)
+    # base-model warm-up (the embedded toy builds its own base model; 0 for a real model)
+    warmup_copy_steps: int = _opt(0, "copy-curriculum steps before anything else (random-token sequences whose "
+                                     "repeats teach induction heads; stops early once learned)", low=0)
+    warmup_sft_steps: int = _opt(0, "SFT steps on the chosen responses with plain positions, making the base model "
+                                    "LOGO starts from", low=0)
+    warmup_lr: float = _opt(1e-3, "learning rate of the warm-up stages", low=0, low_open=True)
+    # needle-in-a-haystack before / after training (logo.eval.niah)
+    eval_niah_lengths: Tuple[int, ...] = _opt((), "real context lengths (tokens) of the NIAH evaluation before and "
+                                                  "after training (empty: none)", low=16, resume="free")
+    eval_niah_samples: int = _opt(8, "NIAH samples per (mode, length, depth)", low=1, resume="free")
+    eval_niah_format: str = _opt("ruler", "NIAH needles: ruler (magic numbers) or kv (the synthetic task's pairs)",
+                                 ("ruler", "kv"), resume="free")
     # distributed
     deepspeed: Optional[str] = _opt(None, "DeepSpeed JSON config (configs/zero2.json, zero3.json, ...); unset = "
                                           "plain torch")
@@ -135,6 +149,9 @@ class TrainConfig:
         if self.tiny_hidden_size % self.tiny_heads or (self.tiny_hidden_size // self.tiny_heads) % 2:
             raise ConfigError(f"config fields 'tiny_hidden_size' ({self.tiny_hidden_size}) / 'tiny_heads' "
                               f"({self.tiny_heads}) must give an even head size (RoPE)")
+        if (self.warmup_copy_steps or self.warmup_sft_steps) and self.deepspeed:
+            raise ConfigError("the warm-up stages (warmup_copy_steps, warmup_sft_steps) build the embedded toy's base "
+                              "model in one process: not with --deepspeed")
         if self.resume and self.overwrite:
             raise ConfigError("config fields 'resume' and 'overwrite' exclude each other")
         if not self.output_dir.strip():
@@ -171,15 +188,17 @@ def _check_field(f: dataclasses.Field, value) -> None:
         if not isinstance(value, bool):
             raise ConfigError(f"config field {name!r} must be true or false, got {value!r}")
         return
-    values = value if typing.get_origin(kind) is tuple else (value,)
-    if typing.get_origin(kind) is tuple and len(values) != len(typing.get_args(kind)):
+    is_tuple = typing.get_origin(kind) is tuple
+    values = value if is_tuple else (value,)
+    if is_tuple and Ellipsis not in typing.get_args(kind) and len(values) != len(typing.get_args(kind)):
         raise ConfigError(f"config field {name!r} must hold {len(typing.get_args(kind))} numbers, got {value!r}")
+    element = typing.get_args(kind)[0] if is_tuple else kind
     for v in values:
         if kind is str:
             if not isinstance(v, str):
                 raise ConfigError(f"config field {name!r} must be a string, got {v!r}")
             continue
-        number_type = int if kind is int else float
+        number_type = int if element is int else float
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (number_type is int and not isinstance(v, int)):
             raise ConfigError(f"config field {name!r} must be {'an integer' if number_type is int else 'a number'}, "
                               f"got {v!r}")
@@ -194,11 +213,16 @@ def _check_field(f: dataclasses.Field, value) -> None:
 
 
 # The embedded default: a tiny model trained from scratch on the synthetic task in minutes on 2 CPU cores.
+# The embedded default: a tiny model builds its own base model (copy curriculum + SFT on short real contexts),
+# then LOGO trains on the same short contexts dressed in a 4x longer position window, and NIAH is measured at
+# real contexts up to 5x longer than any seen in training — LOGO's claim at toy scale, in minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS: Dict[str, Any] = dict(
-    dtype="fp32", finetune="full", gradient_checkpointing=False, window=8192, max_context_tokens=2048,
-    max_response_tokens=64, learning_rate=2e-3, lr_schedule="cosine", warmup_steps=10, weight_decay=0.0,
-    adam_betas=(0.9, 0.95), max_steps=150, batch_rows=4, grad_accum=1, beta=2.0, gamma=0.5, sft_weight=1.0,
-    save_every=40, output_dir="runs/logo-default")
+    dtype="fp32", finetune="full", gradient_checkpointing=False, window=1024, max_context_tokens=512, chunk_tokens=64,
+    max_response_tokens=32, synthetic_train=3000, synthetic_eval=48, synthetic_context_words=20, synthetic_keys=2,
+    synthetic_values=2, warmup_copy_steps=2000, warmup_sft_steps=600, warmup_lr=1e-3, learning_rate=5e-4,
+    lr_schedule="constant", warmup_steps=20, weight_decay=0.0, adam_betas=(0.9, 0.95), max_steps=500, batch_rows=8,
+    grad_accum=1, beta=2.0, gamma=0.5, sft_weight=1.0, save_every=100, eval_niah_lengths=(64, 160, 400),
+    eval_niah_samples=16, eval_niah_format="kv", eval_max_new_tokens=16, output_dir="runs/logo-default")
 
 
 def _field_type(f: dataclasses.Field):
@@ -232,8 +256,9 @@ def _convert(name: str, value: Any) -> Any:
         if isinstance(value, bool):  # YAML's `max_steps: true` must not become 1
             raise ValueError(f"expected {'an integer' if kind is int else 'a value'}, got {value!r}")
         if typing.get_origin(kind) is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(_number(float, x) for x in items)
+            items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+            element = typing.get_args(kind)[0]
+            return tuple(_number(element, x) for x in items)
         if kind is str:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {value!r}")

@@ -23,18 +23,20 @@ from typing import List, Optional
 import torch
 
 from logo_kernels import LogoLoss
+from logo_kernels.integrations.hf import unwrap_causal_lm
 
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig, parse_config
 from .distributed import World, init_world
 from .engine import NonFiniteGradient, make_engine
 from .errors import run_cli
-from .evaluate import preference_metrics, retrieval_exact_match
+from .evaluate import EVAL_SEED, preference_metrics, retrieval_exact_match
 from .metrics_log import MetricsLog
 from .modeling import export_final, load_model, load_tokenizer
 from .objective import packed_logo_loss
 from .run_dir import RunDirectory
 from .train_data import encode, load_records, micro_batch, synthesis_of
+from .warmup import base_warmup
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,20 +50,61 @@ def make_loss(config: TrainConfig) -> LogoLoss:
                     backend=config.loss_backend)
 
 
-def evaluate(model, tokenizer, heldout, loss_fn, config: TrainConfig, world: World) -> dict:
-    if not heldout:
-        return {}
-    metrics = preference_metrics(model, heldout, loss_fn, pad_token_id=tokenizer.pad_token_id,
-                                 synthesis=synthesis_of(config), batch_rows=config.batch_rows)
-    metrics.update(retrieval_exact_match(model, tokenizer, heldout, synthesis=synthesis_of(config),
-                                         max_new_tokens=config.eval_max_new_tokens, early_stop=not world.distributed))
+def evaluate(model, tokenizer, heldout, loss_fn, config: TrainConfig, world: World, run_dir: str = None,
+             tag: str = "") -> dict:
+    """Held-out preference metrics and greedy exact match (synthesized positions), and with ``eval_niah_lengths``
+    needle-in-a-haystack at real context lengths (``logo.eval.niah``; heatmap and CSV under ``run_dir/eval``)."""
+    metrics = {}
+    if heldout:
+        metrics = preference_metrics(model, heldout, loss_fn, pad_token_id=tokenizer.pad_token_id,
+                                     synthesis=synthesis_of(config), batch_rows=config.batch_rows)
+        metrics.update(retrieval_exact_match(model, tokenizer, heldout, synthesis=synthesis_of(config),
+                                             max_new_tokens=config.eval_max_new_tokens,
+                                             early_stop=not world.distributed))
+    if config.eval_niah_lengths:
+        metrics["niah"] = niah_evaluation(unwrap_causal_lm(model), tokenizer, config, world, run_dir, tag)
     return metrics
 
 
+def niah_evaluation(model, tokenizer, config: TrainConfig, world: World, run_dir: str, tag: str) -> dict:
+    """Single-needle and multi-value NIAH (as many values as the synthetic task's keys hold) at the configured
+    real lengths; returns recall / exact match per mode and length."""
+    from .eval import niah
+
+    options = niah.NiahOptions(lengths=tuple(config.eval_niah_lengths), depths=(0.0, 0.5, 1.0),
+                               values=max(2, config.synthetic_values), samples=config.eval_niah_samples,
+                               format=config.eval_niah_format, max_new_tokens=config.eval_max_new_tokens,
+                               seed=EVAL_SEED)  # the same cases whatever the training seed
+    was_training = model.training
+    model.eval()
+    result = niah.run(model, tokenizer, options, progress=False)
+    model.train(was_training)
+    if world.is_main and run_dir is not None:
+        os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
+        figure = niah.heatmap(result["cells"], title=tag)
+        write_atomically(os.path.join(run_dir, "eval", f"niah-{tag}.png"),
+                         lambda path: figure.savefig(path, dpi=110, bbox_inches="tight", format="png"))
+        import csv
+
+        def write_csv(path):
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(result["cells"][0]))
+                writer.writeheader()
+                writer.writerows(result["cells"])
+        write_atomically(os.path.join(run_dir, "eval", f"niah-{tag}.csv"), write_csv)
+    return {f"{c['mode']}_{c['length']}": {"recall": c["recall"], "exact_match": c["exact_match"]}
+            for c in result["cells"] if c["depth"] == "all"}
+
+
 def describe(metrics: dict) -> str:
-    parts = [f"preference accuracy {metrics['accuracy']:.1%}"]
-    parts += [f"vs rejected[{k.rsplit('_', 1)[1]}] {v:.1%}" for k, v in metrics.items() if k.startswith("accuracy_")]
-    parts += [f"retrieval exact match {metrics['exact_match']:.1%}", f"loss {metrics['loss']:.3f}"]
+    parts = []
+    if "accuracy" in metrics:
+        parts.append(f"preference accuracy {metrics['accuracy']:.1%}")
+        parts += [f"vs rejected[{k.rsplit('_', 1)[1]}] {v:.1%}" for k, v in metrics.items()
+                  if k.startswith("accuracy_")]
+        parts += [f"retrieval exact match {metrics['exact_match']:.1%}", f"loss {metrics['loss']:.3f}"]
+    if "niah" in metrics:
+        parts.append("NIAH recall " + ", ".join(f"{k} {v['recall']:.0%}" for k, v in metrics["niah"].items()))
     return ", ".join(parts)
 
 
@@ -119,13 +162,21 @@ def train(config: TrainConfig) -> dict:
         start = resume(config, run, engine, world)
         run.truncate_metrics(start)
         log = MetricsLog(run.path, world.is_main, purge_step=start + 1 if start else None)
+        if start == 0 and (config.warmup_copy_steps or config.warmup_sft_steps):
+            summary = base_warmup(engine.module, examples, config, tokenizer.pad_token_id,
+                                  engine.module.config.vocab_size, world.device,
+                                  lambda row: log.write(0, "warmup", row), progress=config.progress)
+            if world.is_main:
+                print(f"logo.train: base model warm-up: copy curriculum {summary['copy_steps']} steps (loss "
+                      f"{summary['copy_loss'] or 0:.3f}), SFT {summary['sft_steps']} steps (loss "
+                      f"{summary['sft_loss'] or 0:.3f})")
         if world.is_main:
             print(f"logo.train: {len(examples)} training / {len(heldout)} held-out examples, M={config.num_negatives}, "
                   f"{engine.trainable_count():,} trainable parameters, world size {world.size}, "
                   f"{engine.description} on {world.device}")
-        results = {"before": {}, "after": {}}
-        if start == 0 and heldout:
-            results["before"] = evaluate(engine.model, tokenizer, heldout, loss_fn, config, world)
+        results = {"before": {}, "after": {}, "longest_training_context": max(len(e.context) for e in examples)}
+        if start == 0 and (heldout or config.eval_niah_lengths):
+            results["before"] = evaluate(engine.model, tokenizer, heldout, loss_fn, config, world, run.path, "before")
             log.write(0, "eval", results["before"])
             if world.is_main and results["before"]:
                 print(f"held-out before training: {describe(results['before'])}")
@@ -146,7 +197,8 @@ def train(config: TrainConfig) -> dict:
             if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < end:
                 engine.save(run.checkpoints, step + 1, config.keep_checkpoints)
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps and heldout:
-                log.write(step + 1, "eval", evaluate(engine.model, tokenizer, heldout, loss_fn, config, world))
+                log.write(step + 1, "eval", evaluate(engine.model, tokenizer, heldout, loss_fn, config, world,
+                                                     run.path, f"step-{step + 1}"))
         if bar is not None:
             bar.close()
 
@@ -160,8 +212,9 @@ def train(config: TrainConfig) -> dict:
                       f"--resume --output-dir {run.path}")
         else:
             export_final(engine.module, tokenizer, os.path.join(run.path, "final"), world)
-            if heldout:
-                results["after"] = evaluate(engine.model, tokenizer, heldout, loss_fn, config, world)
+            if heldout or config.eval_niah_lengths:
+                results["after"] = evaluate(engine.model, tokenizer, heldout, loss_fn, config, world, run.path,
+                                            "after")
                 log.write(config.max_steps, "eval", results["after"])
                 report(results, world)
             if world.is_main:
@@ -203,11 +256,32 @@ def report(results: dict, world: World) -> None:
     if not world.is_main or not results["after"]:
         return
     print(f"held-out after training:  {describe(results['after'])}")
-    if results["before"]:
-        before, after = results["before"], results["after"]
+    before, after = results["before"], results["after"]
+    if before and "accuracy" in before:
         gain = after["accuracy"] - before["accuracy"]
         print(f"preference accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%} ({gain * 100:+.1f} points); "
               f"exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}")
+    if before and "niah" in before:
+        print(niah_table(before["niah"], after["niah"], results.get("longest_training_context")))
+
+
+def niah_table(before: dict, after: dict, longest_training_context: int = None) -> str:
+    """NIAH recall / exact match before -> after training, per mode and real context length."""
+    seen = f"; the longest context trained on: {longest_training_context} tokens" if longest_training_context else ""
+    lines = [f"needle-in-a-haystack at real context lengths (before -> after training{seen}):",
+             f"  {'mode':<8}{'context':>8}  {'recall':>17}  {'exact match':>17}"]
+    for key in before:
+        mode, length = key.rsplit("_", 1)
+        b, a = before[key], after.get(key, {})
+        lines.append(f"  {mode:<8}{length:>8}  {b['recall']:>6.1%} -> {a.get('recall', float('nan')):>6.1%}"
+                     f"   {b['exact_match']:>6.1%} -> {a.get('exact_match', float('nan')):>6.1%}")
+    return "\n".join(lines)
+
+
+def write_atomically(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def write_json(path: str, data) -> None:

@@ -44,7 +44,8 @@ def load_records(config: TrainConfig, run_dir: str, world: World) -> Tuple[list,
         sizes = {"train": config.synthetic_train, "heldout": config.synthetic_eval}
         for split, path in paths.items():
             records = make_kv_records(sizes[split], split=split, seed=config.seed,
-                                      context_words=config.synthetic_context_words)
+                                      context_words=config.synthetic_context_words, num_keys=config.synthetic_keys,
+                                      max_values_per_key=config.synthetic_values)
             if records:
                 write_preference_file(records, path)
     world.barrier()

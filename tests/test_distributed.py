@@ -12,9 +12,11 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--synthetic-train", "8", "--synthetic-eval", "2", "--synthetic-context-words", "120", "--window", "1024",
-        "--max-context-tokens", "256", "--max-response-tokens", "40", "--tiny-hidden-size", "32", "--tiny-layers", "1",
-        "--eval-max-new-tokens", "2", "--no-progress", "--warmup-steps", "1", "--max-steps", "3", "--save-every", "2"]
+TINY = ["--warmup-copy-steps", "0", "--warmup-sft-steps", "0", "--eval-niah-lengths", "", "--synthetic-train", "8",
+        "--synthetic-eval", "2", "--synthetic-context-words", "120", "--window", "1024", "--max-context-tokens",
+        "256", "--max-response-tokens", "40", "--tiny-hidden-size", "32", "--tiny-layers", "1",
+        "--eval-max-new-tokens", "2", "--no-progress", "--warmup-steps", "1", "--max-steps", "3", "--save-every",
+        "2"]
 
 
 def launch(out_dir, *args, processes=1):

@@ -11,8 +11,9 @@ import logo.train as train_module  # noqa: E402
 from logo.checkpoint import latest_checkpoint  # noqa: E402
 from logo.config import parse_config  # noqa: E402
 
-TINY = ["--synthetic-train", "8", "--synthetic-eval", "2", "--synthetic-context-words", "120", "--window", "1024",
-        "--max-context-tokens", "256", "--max-response-tokens", "40", "--tiny-hidden-size", "32", "--tiny-layers", "1",
+TINY = ["--warmup-copy-steps", "0", "--warmup-sft-steps", "0", "--eval-niah-lengths", "", "--synthetic-train", "8",
+        "--synthetic-eval", "2", "--synthetic-context-words", "120", "--window", "1024", "--max-context-tokens",
+        "256", "--max-response-tokens", "40", "--tiny-hidden-size", "32", "--tiny-layers", "1",
         "--eval-max-new-tokens", "1", "--no-progress", "--warmup-steps", "2", "--batch-rows", "2"]
 
 

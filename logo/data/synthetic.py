@@ -83,7 +83,8 @@ def make_kv_records(num_records: int, *, split: str = "train", seed: int = 0, co
         keys = rng.sample(KEYS, num_keys)
         values = rng.sample(VALUES, num_keys * max_values_per_key)
         needles = {}  # key -> its values in order of appearance
-        slots = sorted(rng.sample(range(len(hay) + 1), num_keys))  # each key's first needle
+        gaps = range(len(hay) + 1)  # each key's first needle (several may share a gap in a very short context)
+        slots = sorted(rng.sample(gaps, num_keys) if len(gaps) >= num_keys else rng.choices(gaps, k=num_keys))
         inserts = []
         for k, key in enumerate(keys):
             count = rng.randint(1, max_values_per_key)

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.logo-installed
 EXTRAS ?= test,bench,train,triton,trl,eval,data
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow bench clean
+.PHONY: install train test test-slow bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -35,6 +35,18 @@ bench: $(STAMP)
 	$(PY) bench/bench_loss.py --quick
 	$(PY) bench/bench_step.py --quick
 	$(PY) bench/estimate_memory.py
+
+# GPU machines here have no network: fetch the peers' wheels where one exists (carry .gpu-wheels to the machine).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps -d .gpu-wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+
+# On a GPU machine, with its own python3 (CUDA torch, Triton): installs this package (and the peers' wheels when
+# .gpu-wheels is there), runs the gpu-marked tests and the GPU benchmarks -> bench/results/gpu/summary.md.
+GPU_PYTHON ?= python3
+gpu-check:
+	-$(GPU_PYTHON) -m pip install -q --no-deps --no-index --find-links .gpu-wheels liger-kernel cut-cross-entropy
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) bench/gpu_check.py --out bench/results/gpu
 
 clean:
 	rm -rf build *.egg-info logo_kernels/*.so .pytest_cache

@@ -6,17 +6,20 @@ hits them alike; median of the pooled timed runs, each after a warm-up in its pr
   torch_lce    torch 2.13 F.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
   ours_torch   logo_kernels.linear_logprobs(backend="torch")     (chunked torch reference)
   ours_cpp     logo_kernels.linear_logprobs(backend="cpp")       (C++ / OpenMP kernels)
-  ours_triton  logo_kernels.linear_logprobs(backend="triton")    (CUDA device only: --gpu)
-  cce          cut_cross_entropy.linear_cross_entropy(impl="torch_compile")  (its CPU path)
+  ours_triton  logo_kernels.linear_logprobs(backend="triton")    (CUDA device only: --gpu; deterministic backward,
+               the logits recomputed twice: 10·N·V·D FLOPs)
+  ours_triton_fast  the same with deterministic=False (one recomputation, atomics: 8·N·V·D FLOPs)
+  cce          cut_cross_entropy.linear_cross_entropy (its Triton kernel on GPUs, impl="torch_compile" on CPU)
+  liger        Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none") (Triton: GPU only)
   trl          trl.kernels.ChunkedLogProbFunction                 (its torch path on CPU)
-Liger-Kernel's fused linear cross-entropy is Triton-only (no CPU path), so it is not in this CPU sweep.
-A plain fp32 GEMM [N, D] x [D, V] is timed in the same run to report the GEMM efficiency of each method
-(8·N·V·D FLOPs for fwd + bwd with recomputation).
+A plain GEMM [N, D] x [D, V] is timed in the same run to report the GEMM efficiency of each method
+(8·N·V·D FLOPs for fwd + bwd with recomputation); on GPUs the achieved TFLOP/s are also reported counted as
+6·N·V·D (the work of the materialised baseline), so methods compare on useful work.
 
     python bench/bench_linear_logprobs.py                 # full sweep (long)
     python bench/bench_linear_logprobs.py --quick         # N in {1024, 4096}, V = 32000, both heads
     python bench/bench_linear_logprobs.py --ns 4096 --vocabs 32000 --methods naive ours_cpp
-    python bench/bench_linear_logprobs.py --gpu    # CUDA, bf16, D = 4096, V = 128256, N in 4K..32K
+    python bench/bench_linear_logprobs.py --gpu    # CUDA, bf16, D = 4096, V = 128256, N in {4K, 16K, 64K}
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-METHODS = ["naive", "torch_lce", "ours_torch", "ours_cpp", "ours_triton", "cce", "trl"]
+METHODS = ["naive", "torch_lce", "ours_torch", "ours_cpp", "ours_triton", "ours_triton_fast", "cce", "liger", "trl"]
+GPU_METHODS = ["naive", "torch_lce", "ours_triton", "ours_triton_fast", "cce", "liger"]
 FULL_NS = [1024, 2048, 4096, 8192, 16384]
 FULL_VOCABS = [32000, 128256]
 # fp32 [N, V] buffers a method holds at its peak (rough, for skipping cases that cannot fit).
-_LOGITS_COPIES = {"naive": 4, "torch_lce": 0.5, "cce": 2, "trl": 0.5}
+_LOGITS_COPIES = {"naive": 4, "torch_lce": 0.5, "cce": 2, "trl": 0.5, "liger": 0.5}
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -62,10 +66,17 @@ def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable
             return -F.linear_cross_entropy(hidden, weight, targets, reduction="none", options=options)
     elif method.startswith("ours_"):
         import logo_kernels as lk
-        backend = method[len("ours_"):]
+        backend = method[len("ours_"):].replace("_fast", "")
+        deterministic = not method.endswith("_fast")
 
         def logp():
-            return lk.linear_logprobs(hidden, weight, targets, backend=backend)
+            return lk.linear_logprobs(hidden, weight, targets, backend=backend, deterministic=deterministic)
+    elif method == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+        def logp():
+            return -liger(weight, hidden, targets)
     elif method == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
@@ -104,16 +115,19 @@ def measure(case: dict) -> dict:
 
 def skip_reason(method: str, n: int, vocab: int, device: str = "cpu", dtype: str = "fp32") -> str | None:
     import torch
-    if method == "ours_triton" and device != "cuda":
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if method in ("ours_triton", "ours_triton_fast") and device != "cuda" and not interpreting:
         return ("no CUDA device (the triton backend is benchmarked on GPUs only)" if not torch.cuda.is_available()
                 else "the triton backend runs with --device cuda")
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     if method == "ours_cpp" and device == "cuda":
         return "the cpp backend runs on CPU tensors"
-    if method in ("cce", "trl"):
+    if method == "liger" and device != "cuda":
+        return "Liger's fused linear cross-entropy is Triton-only (no CPU path)"
+    if method in ("cce", "trl", "liger"):
         import importlib.util
-        module = {"cce": "cut_cross_entropy", "trl": "trl"}[method]
+        module = {"cce": "cut_cross_entropy", "trl": "trl", "liger": "liger_kernel"}[method]
         if importlib.util.find_spec(module) is None:
             return f"{module} not installed"
     need = _LOGITS_COPIES.get(method, 0) * n * vocab * 4
@@ -132,7 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--gpu", action="store_true",
-                        help="CUDA, bf16, D = 4096, V = 128256, N in {4096 .. 32768}: naive, torch_lce, ours_triton, cce")
+                        help="CUDA, bf16, D = 4096, V = 128256, N in {4096, 16384, 65536}: " + ", ".join(GPU_METHODS))
     parser.add_argument("--from-csv", action="store_true",
                         help="measure nothing: recompute ratios, CSV and plot from PREFIX.csv")
     harness.add_run_arguments(parser, "linear_logprobs")
@@ -141,7 +155,7 @@ def main(argv=None) -> None:
         args.ns, args.vocabs, args.heads = [1024, 4096], [32000], ["trainable", "frozen"]
     if args.gpu:
         args.device, args.dtype, args.dim, args.vocabs = "cuda", "bf16", 4096, [128256]
-        args.ns, args.methods = [4096, 8192, 16384, 32768], ["naive", "torch_lce", "ours_triton", "cce"]
+        args.ns, args.methods = [4096, 16384, 65536], GPU_METHODS
 
     cases = []
     for head in args.heads:
@@ -164,9 +178,9 @@ def main(argv=None) -> None:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Adds time / memory relative to naive to each measured row, and for our methods the GEMM efficiency:
-    their GEMM work (4 GEMMs of 2·N·V·D FLOPs with a trainable head, 2 frozen) / time, over a plain GEMM's
-    FLOP/s measured in the same group of rounds."""
+    """Adds time / memory relative to naive to each measured row, for our methods the GEMM efficiency — their GEMM
+    work (:func:`gemm_count` GEMMs of 2·N·V·D FLOPs) / time, over a plain GEMM's FLOP/s measured in the same group
+    of rounds — and on GPUs the achieved TFLOP/s counted as 6·N·V·D."""
     harness.add_relative(rows, ("head", "n", "vocab", "dim"))
     gemm = {(r["head"], r["n"], r["vocab"], r["dim"]): r for r in rows if r["method"] == "gemm" and not r.get("error")}
     for r in rows:
@@ -177,10 +191,22 @@ def add_ratios(rows: list[dict]) -> None:
             r["gflops"] = round(plain / r["median_s"] / 1e9, 1)
             continue
         base = gemm.get((r["head"], r["n"], r["vocab"], r["dim"]))
+        if r.get("device") == "cuda":
+            r["tflops_6nvd"] = round(3 * plain / r["median_s"] / 1e12, 1)
         if r["method"].startswith("ours_") and base:
-            flops = plain * (4 if r["head"] == "trainable" else 2)
+            flops = plain * gemm_count(r["method"], r["head"])
             r["gflops"] = round(flops / r["median_s"] / 1e9, 1)
             r["gemm_efficiency"] = round(r["gflops"] / (plain / base["median_s"] / 1e9), 3)
+
+
+def gemm_count(method: str, head: str) -> int:
+    """N·V·D GEMMs of 2 FLOPs/element in one fwd + bwd: the forward's logits, then per backend the recomputation(s)
+    and the gradient products (a frozen head: the forward's gradient basis instead of a backward)."""
+    if method == "ours_triton":  # deterministic: dH and dW kernels each recompute the logits
+        return 5 if head == "trainable" else 3
+    if method == "ours_triton_fast":  # one recomputation feeding both products
+        return 4 if head == "trainable" else 3
+    return 4 if head == "trainable" else 2
 
 
 def _numeric(row: dict) -> dict:
@@ -190,15 +216,16 @@ def _numeric(row: dict) -> dict:
             out[key] = int(value) if value else value
         elif key in ("median_s", "min_s", "max_s", "peak_extra_mib"):
             out[key] = float(value) if value else value
-        elif key not in ("gflops", "gemm_efficiency", "time_vs_naive", "memory_vs_naive"):
+        elif key not in ("gflops", "gemm_efficiency", "time_vs_naive", "memory_vs_naive", "tflops_6nvd"):
             out[key] = value
     return out
 
 
 def finish(rows: list[dict], prefix: str) -> None:
     add_ratios(rows)
+    dtype = next((r.get("dtype") for r in rows if r.get("dtype")), "fp32")
     harness.save_results(rows, prefix, x="n", panel_keys=("head", "vocab"), series_order=METHODS,
-                         title="fwd+bwd, fp32")
+                         title=f"fwd+bwd, {dtype}")
 
 
 if __name__ == "__main__":

@@ -25,27 +25,35 @@ METHODS = ["authors", "ours"]
 BETA, GAMMA, SFT_WEIGHT = 10.0, 3.0, 0.1
 
 
-def tiny_llama(vocab: int, dim: int, layers: int, max_positions: int):
+def tiny_llama(vocab: int, dim: int, layers: int, max_positions: int, intermediate: int = None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=layers,
-                         num_attention_heads=max(1, dim // 64), num_key_value_heads=max(1, dim // 128),
-                         max_position_embeddings=max_positions, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=intermediate or 4 * dim,
+                         num_hidden_layers=layers, num_attention_heads=max(1, dim // 64),
+                         num_key_value_heads=max(1, dim // 256), max_position_embeddings=max_positions,
+                         tie_word_embeddings=False)
     return LlamaForCausalLM(config).train()
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
 def build_step(method: str, context: int, response: int, negatives: int, vocab: int, dim: int, layers: int,
-               seed: int = 0):
+               seed: int = 0, device: str = "cpu", dtype: str = "fp32", checkpointing: bool = False,
+               intermediate: int = None):
     """fwd + bwd of one example's LOGO step with ``method``; returns a callable."""
     import torch
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (context,), generator=g)
-    answers = [torch.randint(0, vocab, (response,), generator=g) for _ in range(negatives + 1)]
-    model = tiny_llama(vocab, dim, layers, context + (negatives + 1) * response + 16)
+    prompt = torch.randint(0, vocab, (context,), generator=g).to(device)
+    answers = [torch.randint(0, vocab, (response,), generator=g).to(device) for _ in range(negatives + 1)]
+    model = tiny_llama(vocab, dim, layers, context + (negatives + 1) * response + 16, intermediate)
+    model = model.to(device=device, dtype=getattr(torch, DTYPES[dtype]))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if method == "authors":
         model.set_attn_implementation("sdpa")
@@ -68,7 +76,7 @@ def build_step(method: str, context: int, response: int, negatives: int, vocab: 
         from logo.objective import enable_shared_prefix_attention, packed_logo_loss
 
         enable_shared_prefix_attention(model)
-        batch = pack_rows([prompt], [answers])
+        batch = pack_rows([prompt.cpu()], [[a.cpu() for a in answers]]).to(device)
         loss_fn = lk.LogoLoss(num_negatives=negatives, beta=BETA, gamma=GAMMA, sft_weight=SFT_WEIGHT)
 
         def loss():
@@ -85,15 +93,23 @@ def build_step(method: str, context: int, response: int, negatives: int, vocab: 
 def measure(case: dict) -> dict:
     import torch
     torch.set_num_threads(case["threads"])
+    device = case.get("device", "cpu")
     step = build_step(case["method"], case["context"], case["response"], case["negatives"], case["vocab"],
-                      case["dim"], case["layers"])
-    return harness.time_runs(step, repeats=case["repeats"], warmup=1)
+                      case["dim"], case["layers"], device=device, dtype=case.get("dtype", "fp32"),
+                      checkpointing=case.get("checkpointing", False), intermediate=case.get("intermediate"))
+    timer = harness.time_runs_cuda if device == "cuda" else harness.time_runs
+    return timer(step, repeats=case["repeats"], warmup=1)
 
 
-def skip_reason(method: str, context: int, response: int, negatives: int, vocab: int) -> str | None:
+def skip_reason(method: str, context: int, response: int, negatives: int, vocab: int, device: str = "cpu",
+                dtype: str = "fp32") -> str | None:
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
     tokens = (negatives + 1) * (context + response) if method == "authors" else 0
-    need = 4 * tokens * vocab * 4  # logits, fp32 copy / log_softmax, their gradients
-    return harness.memory_skip_reason(need)
+    width = 2 if dtype == "bf16" else 4
+    need = tokens * vocab * (width + 4 + 4 + 4)  # logits, fp32 copy, log_softmax, its gradient
+    return harness.memory_skip_reason(need, device)
 
 
 def main(argv=None) -> None:
@@ -105,11 +121,22 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x dim)")
     parser.add_argument("--quick", action="store_true", help="C in {1024, 8192}, M = 2, V = 32000")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the decoder layers")
+    parser.add_argument("--gpu", action="store_true",
+                        help="CUDA, bf16, a 1B-scale Llama (D 2048, 16 layers, MLP 8192, V 128256) with gradient "
+                             "checkpointing, 32K context, M = 2 x 512-token responses")
     harness.add_run_arguments(parser, "step")
     args = parser.parse_args(argv)
     if args.quick:
         args.contexts, args.negatives, args.vocabs = [1024, 8192], [2], [32000]
+    if args.gpu:
+        args.device, args.dtype, args.checkpointing = "cuda", "bf16", True
+        args.dim, args.layers, args.intermediate, args.vocabs = 2048, 16, 8192, [128256]
+        args.contexts, args.negatives = [32768], [2]
 
     cases = []
     for vocab in args.vocabs:
@@ -118,8 +145,9 @@ def main(argv=None) -> None:
                 for method in args.methods:  # interleaved per shape: timing drifts over minutes here
                     case = dict(method=method, context=context, negatives=negatives, vocab=vocab,
                                 response=args.response, dim=args.dim, layers=args.layers, threads=args.threads,
-                                repeats=args.repeats)
-                    reason = skip_reason(method, context, args.response, negatives, vocab)
+                                repeats=args.repeats, device=args.device, dtype=args.dtype,
+                                checkpointing=args.checkpointing, intermediate=args.intermediate)
+                    reason = skip_reason(method, context, args.response, negatives, vocab, args.device, args.dtype)
                     if reason:
                         case["skip"] = reason
                     cases.append(case)
@@ -127,7 +155,7 @@ def main(argv=None) -> None:
                               rounds=args.rounds)
     harness.add_relative(rows, ("context", "negatives", "vocab", "response", "dim", "layers"), baseline="authors")
     harness.save_results(rows, args.out, x="context", panel_keys=("vocab", "negatives"), series_order=METHODS,
-                         title="LOGO training step fwd+bwd")
+                         title=f"LOGO training step fwd+bwd, {args.dtype}")
 
 
 if __name__ == "__main__":

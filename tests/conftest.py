@@ -13,7 +13,10 @@ if not torch.cuda.is_available():
 
 import logo_kernels  # noqa: E402
 
-CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if b in logo_kernels.available_backends()]
+# Backends that run on CPU tensors: triton only through the interpreter (on a GPU machine it runs CUDA tensors, in
+# the gpu-marked tests).
+CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if b in logo_kernels.available_backends()
+                and (b != "triton" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))]
 
 
 def pytest_report_header(config):
@@ -23,3 +26,13 @@ def pytest_report_header(config):
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """gpu-marked tests are skipped, with the reason, where no CUDA device exists."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run them with `make gpu-check` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -74,3 +74,25 @@ def test_positions_coverage_script(tmp_path):
     rows = {r["strategy"]: r for r in csv.DictReader(open(out))}
     assert set(rows) == {"continuous", "sparse", "slots", "mixed"} and "bins hit" in result.stdout
     assert float(rows["continuous"]["mean_tail_start"]) > 0.9 * 65536
+
+
+def test_gpu_check_runs_every_step_on_cpu_and_skips_missing_peers_with_a_reason(tmp_path):
+    """make gpu-check's orchestration: the tests step, all three benchmarks (their CPU / interpreter variants),
+    the summary; Liger (Triton-only) and absent peers are skipped with a reason."""
+    out = tmp_path / "gpu"
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--cpu-smoke", "--repeats", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for name in ("summary.md", "environment.json", "tests.xml", "linear_logprobs.csv", "loss.csv", "step.csv"):
+        assert (out / name).is_file(), name
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "linear_logprobs.csv"))}
+    assert float(rows["ours_triton"]["median_s"]) > 0 and float(rows["ours_triton_fast"]["median_s"]) > 0
+    assert "Triton-only" in rows["liger"]["error"]
+    summary = (out / "summary.md").read_text()
+    assert "## Targets" in summary and "## One LOGO step" in summary
+
+
+def test_gpu_check_parses():
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "make gpu-check" in result.stdout

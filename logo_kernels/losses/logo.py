@@ -105,6 +105,7 @@ def logo_loss(
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
     backend: str = "auto",
+    deterministic: Optional[bool] = None,
 ) -> LogoLossOutput:
     """LOGO loss from the hidden states of response tokens (formula in the module doc).
 
@@ -117,7 +118,7 @@ def logo_loss(
             example as [chosen, rejected_1..rejected_M].
         num_negatives: M. beta, gamma: reward scale and target margin. sft_weight: λ of the SFT term.
         loss_type: "sigmoid" or "hinge". label_smoothing: ε (sigmoid only).
-        temperature, softcap, logit_scale, backend: passed to :func:`logo_kernels.linear_logprobs`.
+        temperature, softcap, logit_scale, backend, deterministic: passed to :func:`logo_kernels.linear_logprobs`.
     """
     if loss_type not in LOGO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOGO_LOSS_TYPES)}, got {loss_type!r}")
@@ -128,7 +129,7 @@ def logo_loss(
         raise ValueError(f"hidden must be [T, D] and targets [T], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     check_sequences(cu_seqlens, targets.shape[0], num_negatives)
     logp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-                           softcap=softcap, logit_scale=logit_scale, backend=backend)
+                           softcap=softcap, logit_scale=logit_scale, backend=backend, deterministic=deterministic)
     means = sequence_mean_logps(logp, targets != ignore_index, cu_seqlens, num_negatives)
     chosen, rejected = means[:, 0], means[:, 1:]
     out = preference_loss(chosen, rejected, loss_type=LOGO_LOSS_TYPES[loss_type], beta=beta, gamma=gamma,

@@ -26,7 +26,8 @@ def test_bench_linear_logprobs_smoke(tmp_path):
                                                   "ours_torch", "ours_triton"], tmp_path)
     by_method = {r["method"]: r for r in rows}
     assert float(by_method["ours_torch"]["median_s"]) > 0 and by_method["naive"]["time_vs_naive"] == "1.0"
-    assert "no CUDA device" in by_method["ours_triton"]["error"] or by_method["ours_triton"]["median_s"]
+    triton = by_method["ours_triton"]  # interpreted when TRITON_INTERPRET=1 (as under pytest), else skipped
+    assert "no CUDA device" in (triton.get("error") or "") or float(triton["median_s"]) > 0
 
 
 def test_bench_loss_smoke(tmp_path):

@@ -114,6 +114,8 @@ class TrainConfig:
     # distributed
     deepspeed: Optional[str] = _opt(None, "DeepSpeed JSON config (configs/zero2.json, zero3.json, ...); unset = "
                                           "plain torch")
+    sequence_parallel_size: int = _opt(1, "ranks that share one packed row along the sequence (DeepSpeed Ulysses; "
+                                          "data parallel across groups); 1 = off", low=1)
     # run directory, logging, checkpoints
     output_dir: str = _opt("runs/logo", "run directory: config, metrics.jsonl, TensorBoard events, checkpoints",
                            resume="free")
@@ -152,6 +154,9 @@ class TrainConfig:
         if (self.warmup_copy_steps or self.warmup_sft_steps) and self.deepspeed:
             raise ConfigError("the warm-up stages (warmup_copy_steps, warmup_sft_steps) build the embedded toy's base "
                               "model in one process: not with --deepspeed")
+        if self.sequence_parallel_size > 1 and not self.deepspeed:
+            raise ConfigError("config field 'sequence_parallel_size' > 1 runs on DeepSpeed's Ulysses: give --deepspeed "
+                              "(e.g. configs/zero3.json) and launch one process per rank")
         if self.resume and self.overwrite:
             raise ConfigError("config fields 'resume' and 'overwrite' exclude each other")
         if not self.output_dir.strip():
@@ -212,7 +217,6 @@ def _check_field(f: dataclasses.Field, value) -> None:
                               f"got {v!r}")
 
 
-# The embedded default: a tiny model trained from scratch on the synthetic task in minutes on 2 CPU cores.
 # The embedded default: a tiny model builds its own base model (copy curriculum + SFT on short real contexts),
 # then LOGO trains on the same short contexts dressed in a 4x longer position window, and NIAH is measured at
 # real contexts up to 5x longer than any seen in training — LOGO's claim at toy scale, in minutes on 2 CPU cores.

@@ -19,11 +19,21 @@ from .config import TrainConfig
 
 @dataclass
 class World:
+    """This process's place: ``rank`` / ``size`` over all processes; ``data_rank`` / ``data_size`` over the
+    data-parallel groups (the same unless sequence parallelism groups ranks: then every rank of a group reads the
+    same rows)."""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     distributed: bool = False
+    data_rank: int = None
+    data_size: int = None
+
+    def __post_init__(self):
+        self.data_rank = self.rank if self.data_rank is None else self.data_rank
+        self.data_size = self.size if self.data_size is None else self.data_size
 
     @property
     def is_main(self) -> bool:
@@ -73,7 +83,7 @@ def deepspeed_config(config: TrainConfig, world: World) -> Dict[str, Any]:
     with open(config.deepspeed, encoding="utf-8") as handle:
         ds = json.load(handle)
     auto = {"train_micro_batch_size_per_gpu": config.batch_rows, "gradient_accumulation_steps": config.grad_accum,
-            "train_batch_size": config.batch_rows * config.grad_accum * world.size,
+            "train_batch_size": config.batch_rows * config.grad_accum * world.data_size,
             "gradient_clipping": config.max_grad_norm}
     for key, value in auto.items():
         if ds.get(key, "auto") == "auto":

@@ -72,18 +72,19 @@ class PlainEngine:
 
 
 class DeepSpeedEngine:
-    def __init__(self, config: TrainConfig, model, world: World):
+    def __init__(self, config: TrainConfig, model, world: World, mpu=None):
         import deepspeed
 
         self.params = trainable_parameter_list(model)
         optimizer, scheduler = _optimizer_and_scheduler(config, self.params)
         ds_config = deepspeed_config(config, world)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
         if zero_stage(ds_config) == 3:
             register_unhooked_parameters(self.engine.module)
         self.model, self.module, self.world = self.engine, self.engine.module, world
-        self.description = f"DeepSpeed ZeRO-{zero_stage(ds_config)}"
+        self.description = f"DeepSpeed ZeRO-{zero_stage(ds_config)}" + (
+            f", sequence parallel {config.sequence_parallel_size}" if config.sequence_parallel_size > 1 else "")
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -111,5 +112,5 @@ class DeepSpeedEngine:
                                engine=self.engine)
 
 
-def make_engine(config: TrainConfig, model, world: World):
-    return DeepSpeedEngine(config, model, world) if config.deepspeed else PlainEngine(config, model, world)
+def make_engine(config: TrainConfig, model, world: World, mpu=None):
+    return DeepSpeedEngine(config, model, world, mpu) if config.deepspeed else PlainEngine(config, model, world)

@@ -163,6 +163,12 @@ class Setting:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.fragmentation >= 1:
             raise ConfigError(f"fragmentation is a fraction of the rest: it must be < 1, got {self.fragmentation}")
+        if self.sequence_parallel > 1:
+            if self.gpus % self.sequence_parallel:
+                raise ConfigError(f"sequence_parallel {self.sequence_parallel} must divide gpus {self.gpus}")
+            if (self.loss, self.packing) != ("fused", "shared"):
+                raise ConfigError("sequence_parallel > 1 runs this package's path: loss 'fused', packing 'shared' "
+                                  f"(got {self.loss!r}, {self.packing!r})")
         return self
 
 
@@ -183,13 +189,26 @@ def trainable_parameter_count(shape: ModelShape, s: Setting) -> int:
 
 
 def token_counts(s: Setting) -> Tuple[int, int, int]:
-    """(backbone tokens, scored tokens, tokens whose logits the naive path materialises) per GPU."""
+    """(backbone tokens, scored tokens, tokens whose logits the naive path materialises) per GPU. Under sequence
+    parallelism P a rank holds ceil(row / P) positions of each row and scores the response tokens among them: the
+    responses close the row, so the last rank scores min(all scored, its positions) — the worst rank counts."""
     sequences = s.negatives + 1
     if s.packing == "shared":
         backbone = s.real_tokens + sequences * s.response_tokens
     else:
         backbone = sequences * (s.real_tokens + s.response_tokens)
-    return s.rows * backbone, s.rows * sequences * s.response_tokens, s.rows * backbone
+    scored = sequences * s.response_tokens
+    if s.sequence_parallel > 1:
+        backbone = -(-backbone // s.sequence_parallel)
+        scored = min(scored, backbone)
+    return s.rows * backbone, s.rows * scored, s.rows * backbone
+
+
+def ulysses_bytes_per_token(shape: ModelShape, b: int) -> int:
+    """Per local token and layer, what DeepSpeed's Ulysses attention adds: the all-to-all outputs q, k, v (whole
+    sequence, heads / P: the same bytes as the local q, k, v) and the attention output before the all-to-all back,
+    all saved for the backward."""
+    return b * (2 * shape.hidden + 2 * shape.kv_dim)
 
 
 def layer_activation_bytes_per_token(shape: ModelShape, b: int) -> int:
@@ -218,6 +237,8 @@ def estimate(shape: ModelShape, s: Setting) -> Dict[str, float]:
 
     backbone, scored, logit_tokens = token_counts(s)
     per_token_layer = layer_activation_bytes_per_token(shape, b)
+    if s.sequence_parallel > 1:
+        per_token_layer += ulysses_bytes_per_token(shape, b)
     kept = backbone * b * shape.hidden * 2  # embedding output + final norm output
     if s.checkpointing:
         kept += backbone * b * shape.hidden * shape.layers  # each layer's input
@@ -226,7 +247,9 @@ def estimate(shape: ModelShape, s: Setting) -> Dict[str, float]:
         kept += backbone * per_token_layer * shape.layers
         recompute = 0.0
     # shared-prefix packing concatenates the prefix keys/values per response (one layer, transient)
-    attention = 2 * b * shape.hidden * (s.real_tokens + s.response_tokens) * s.rows if s.packing == "shared" else 0.0
+    # (under sequence parallelism: on the whole sequence for heads / P, so a P-th of it)
+    attention = (2 * b * shape.hidden * (s.real_tokens + s.response_tokens) * s.rows / s.sequence_parallel
+                 if s.packing == "shared" else 0.0)
     vocab = shape.vocab
     if s.loss == "naive":
         upcast = 4 if b < 4 else 0  # fp32 logits are not copied by .float()
@@ -281,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offload", default=d.offload, choices=["none", "optimizer", "all"])
     parser.add_argument("--gpus", type=int, default=d.gpus)
     parser.add_argument("--rows", type=int, default=d.rows, help="examples per GPU per micro-batch")
+    parser.add_argument("--sequence-parallel", type=int, default=d.sequence_parallel, metavar="P",
+                        help="sequence-parallel group size (DeepSpeed Ulysses): each GPU holds 1/P of every row")
     parser.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
     parser.add_argument("--dtype", default=d.dtype, choices=sorted(BYTES))
     parser.add_argument("--loss", default=d.loss, choices=["fused", "naive"])
@@ -307,7 +332,9 @@ def _main(argv: List[str]) -> int:
                       lora_r=args.lora_r, zero=args.zero, offload=args.offload, gpus=args.gpus, rows=args.rows,
                       checkpointing=not args.no_checkpointing, dtype=args.dtype, loss=args.loss,
                       packing=args.packing, overhead_gib=args.overhead_gib,
-                      fragmentation=args.fragmentation).validate()
+                      fragmentation=args.fragmentation, sequence_parallel=args.sequence_parallel).validate()
+    if args.compare and setting.sequence_parallel > 1:
+        raise ConfigError("--compare and --sequence-parallel: the authors' path has no sequence parallelism")
     if args.compare:
         columns = [("authors (naive)", replace(setting, loss="naive", packing="separate")),
                    ("ours (fused)", replace(setting, loss="fused", packing="shared"))]
@@ -319,10 +346,13 @@ def _main(argv: List[str]) -> int:
                            "fits": fits(est["total"], args.gpu)} for label, s, est in rows], indent=2))
     else:
         print(format_table(shape, rows, args.gpu))
-        print(f"real tokens {setting.real_tokens} in a {setting.window}-position window, M={setting.negatives}, "
+        where = (f"in a {setting.window}-position window" if setting.window > setting.real_tokens
+                 else "at their own positions (no synthesis)")
+        print(f"real tokens {setting.real_tokens} {where}, M={setting.negatives}, "
               f"{setting.response_tokens}-token responses, lambda={setting.sft_weight}, {setting.finetune}, "
               f"ZeRO-{setting.zero} on {setting.gpus} GPUs, offload {setting.offload}, "
-              f"checkpointing {'on' if setting.checkpointing else 'off'}, {setting.dtype}")
+              f"checkpointing {'on' if setting.checkpointing else 'off'}, {setting.dtype}"
+              + (f", sequence parallel {setting.sequence_parallel}" if setting.sequence_parallel > 1 else ""))
     return 0
 
 

@@ -34,6 +34,7 @@ from .evaluate import EVAL_SEED, preference_metrics, retrieval_exact_match
 from .metrics_log import MetricsLog
 from .modeling import export_final, load_model, load_tokenizer
 from .objective import packed_logo_loss
+from . import sequence_parallel
 from .run_dir import RunDirectory
 from .train_data import encode, load_records, micro_batch, synthesis_of
 from .warmup import base_warmup
@@ -109,14 +110,14 @@ def describe(metrics: dict) -> str:
 
 
 def train_step(step: int, engine, examples, loss_fn, config: TrainConfig, world: World, pad_token_id: int,
-               checkpoints: str) -> dict:
+               checkpoints: str, sp=None) -> dict:
     """One optimizer step (``grad_accum`` micro-batches); returns its metrics (means over ranks)."""
     started = time.perf_counter()
     sums = {"loss": 0.0, "sft_loss": 0.0, "margin": 0.0, "accuracy": 0.0}
     tokens = 0
     for micro in range(config.grad_accum):
         batch = micro_batch(examples, step * config.grad_accum + micro, config, world, pad_token_id).to(world.device)
-        out = packed_logo_loss(engine.model, batch, loss_fn)
+        out = packed_logo_loss(engine.model, batch, loss_fn, sequence_parallel=sp, pad_token_id=pad_token_id)
         values = world.mean(float(out.loss.detach()), float(out.sft_loss), float(out.margins.mean()),
                             float(out.accuracy))
         if not math.isfinite(values[0]):
@@ -133,7 +134,7 @@ def train_step(step: int, engine, examples, loss_fn, config: TrainConfig, world:
         raise TrainingDiverged(f"step {step + 1}: {error}; stopped {when} the optimizer step. "
                                + _last_good(checkpoints)) from None
     return dict(sums, grad_norm=grad_norm, lr=engine.lr,
-                tokens_per_s=world.size * tokens / (time.perf_counter() - started))
+                tokens_per_s=world.data_size * tokens / (time.perf_counter() - started))
 
 
 def _last_good(checkpoints: str) -> str:
@@ -157,7 +158,11 @@ def train(config: TrainConfig) -> dict:
         tokenizer = load_tokenizer(config, save_dir=os.path.join(run.path, "tokenizer") if world.is_main else None)
         train_records, heldout_records = load_records(config, run.path, world)
         examples, heldout = encode(train_records, tokenizer, config), encode(heldout_records, tokenizer, config)
-        engine = make_engine(config, load_model(config, tokenizer), world)
+        model = load_model(config, tokenizer)
+        sp = sequence_parallel.setup(model, config.sequence_parallel_size, config.batch_rows, world)
+        if sp is not None:  # every rank of a group reads the same rows
+            world.data_rank, world.data_size = sp.data_parallel_rank, sp.data_parallel_size
+        engine = make_engine(config, model, world, mpu=None if sp is None else sp.mpu)
         loss_fn = make_loss(config)
         start = resume(config, run, engine, world)
         run.truncate_metrics(start)
@@ -187,7 +192,7 @@ def train(config: TrainConfig) -> dict:
         engine.model.train()
         for step in range(start, end):
             metrics = train_step(step, engine, examples, loss_fn, config, world, tokenizer.pad_token_id,
-                                 run.checkpoints)
+                                 run.checkpoints, sp)
             if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
                 log.write(step + 1, "train", metrics)
             if bar is not None:

@@ -77,8 +77,8 @@ def micro_batch(examples: List[EncodedExample], index: int, config: TrainConfig,
     The data stream is a fresh seeded permutation of the examples per epoch; the positions of stream item k
     are drawn from a generator seeded by k, so they do not depend on batch size, accumulation or world size
     (1 process x 2 rows and 2 processes x 1 row see the same rows)."""
-    rows = config.batch_rows * world.size
-    first = index * rows + world.rank * config.batch_rows
+    rows = config.batch_rows * world.data_size
+    first = index * rows + world.data_rank * config.batch_rows  # every rank of a sequence-parallel group: same rows
     picked, generators = [], []
     for k in range(first, first + config.batch_rows):
         epoch, offset = divmod(k, len(examples))

@@ -95,8 +95,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     real = train_module.packed_logo_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, loss_fn):
-        out = real(model, batch, loss_fn)
+    def poisoned(model, batch, loss_fn, **options):
+        out = real(model, batch, loss_fn, **options)
         calls["n"] += 1
         if calls["n"] == 3:  # the third step
             out.loss = out.loss * float("nan")
@@ -146,6 +146,7 @@ RECIPES = {  # recipe: (beta, gamma, window, rope_theta, max_position_embeddings
     "llama3-8b-instruct-8k": (10.0, 3.0, 65536, 2e8, 81920, 3, "warmup_constant", 1200),
     "llama2-7b-chat-4k": (3.0, 0.6, 32768, 5e5, 32768, 2, "cosine", 1000),
     "mistral-7b-instruct-v0.2": (2.5, 0.25, 32768, None, None, 3, "warmup_constant", 1200),
+    "llama3.1-8b-instruct-128k-sp": (10.0, 3.0, None, None, None, 3, "warmup_constant", 1200),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,7 +164,7 @@ def test_shipped_recipes_parse_and_fill_the_deepspeed_config(recipe, monkeypatch
     assert (config.lr_schedule, config.max_steps, config.adam_betas, config.weight_decay) == (
         schedule, steps, (0.9, 0.999), 0.05)
     assert "embed_tokens" in config.lora_targets and config.dtype == "bf16" and config.gradient_checkpointing
-    ds = deepspeed_config(config, World(size=8))
+    ds = deepspeed_config(config, World(size=8, data_size=8 // config.sequence_parallel_size))
     assert ds["train_batch_size"] == 64 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == stage
     for name in ("zero2", "zero2_offload", "zero3_offload"):
         config.deepspeed = f"configs/{name}.json"
@@ -192,14 +193,15 @@ def tiny_model_and_data(tmp_path_factory):
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_each_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model_and_data, tmp_path, monkeypatch):
     """The recipe's whole option set (LoRA on q/k/v/o and the embeddings, bf16, checkpointing, RoPE overrides,
-    its schedule and optimizer) on a tiny model, shrunk only in length and in processes (no DeepSpeed launcher)."""
+    its schedule and optimizer) on a tiny model, shrunk only in length and in processes (no DeepSpeed launcher, so
+    no sequence parallelism: test_sequence_parallel.py launches the 128K recipe on 2 processes)."""
     model, prefs = tiny_model_and_data
     monkeypatch.chdir(ROOT)
     config, _ = parse_config(["--config", f"configs/{recipe}.yaml", "--model", model, "--train-file", prefs,
                               "--deepspeed", "none", "--window", "4096", "--max-context-tokens", "256",
                               "--max-response-tokens", "32", "--max-steps", "2", "--grad-accum", "1",
                               "--save-every", "0", "--warmup-steps", "1", "--no-progress",
-                              "--output-dir", str(tmp_path / recipe)])
+                              "--sequence-parallel-size", "1", "--output-dir", str(tmp_path / recipe)])
     results = train_module.train(config)
     assert results["steps"] == 2
     losses = train_losses(config.output_dir)
@@ -226,7 +228,7 @@ def test_embedded_default_run_shows_logos_effect_on_niah(tmp_path):
     before, after = results["before"]["niah"], results["after"]["niah"]
     assert after[f"multi_{longest}"]["recall"] - before[f"multi_{longest}"]["recall"] >= 0.20
     assert after[f"multi_{short}"]["recall"] >= before[f"multi_{short}"]["recall"] - 0.05
-    assert after["accuracy_rejected_1"] >= 0.9  # the unfollowing answer is rejected
+    assert results["after"]["accuracy_rejected_1"] >= 0.9  # the unfollowing answer is rejected
     assert os.path.isfile(out / "eval" / "niah-before.png") and os.path.isfile(out / "eval" / "niah-after.png")
 
 

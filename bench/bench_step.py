@@ -73,7 +73,8 @@ def build_step(method: str, context: int, response: int, negatives: int, vocab: 
     elif method == "ours":
         import logo_kernels as lk
         from logo.data.packing import pack_rows
-        from logo.objective import enable_shared_prefix_attention, packed_logo_loss
+        from logo.attention import enable_shared_prefix_attention
+        from logo.objective import packed_logo_loss
 
         enable_shared_prefix_attention(model)
         batch = pack_rows([prompt.cpu()], [[a.cpu() for a in answers]]).to(device)

@@ -67,7 +67,7 @@ def _model(case, tokenizer):
 def _words(count, seed):
     import random
 
-    from logo.data.tokenizer import shipped_text
+    from logo.data.corpus import shipped_text
 
     words = shipped_text().split()
     rng = random.Random(seed)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from logo_kernels.integrations.hf import unwrap_causal_lm
+
 ATTENTION_NAME = "logo_shared_prefix"
 
 # the bias objects hold no data (two lengths); built once per shape, outside any tracing / dispatch mode
@@ -74,3 +76,14 @@ def register_shared_prefix_attention() -> str:
 
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
     return ATTENTION_NAME
+
+
+def enable_shared_prefix_attention(model) -> None:
+    """Switches the model's attention to the shared-prefix kernel, for good (gradient checkpointing
+    re-runs layers in the backward, so a temporary switch would recompute with another attention)."""
+    register_shared_prefix_attention()
+    lm = unwrap_causal_lm(model)
+    if hasattr(lm, "set_attn_implementation"):
+        lm.set_attn_implementation(ATTENTION_NAME)
+    else:
+        lm.config._attn_implementation = ATTENTION_NAME

@@ -71,7 +71,7 @@ def greedy_generate(model, prompt: List[int], positions: torch.Tensor, *, max_ne
     return out
 
 
-def _normalise(text: str) -> str:
+def _collapsed_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
@@ -92,6 +92,6 @@ def retrieval_exact_match(model, tokenizer, examples: Sequence[EncodedExample], 
             generated = generated[:generated.index(tokenizer.eos_token_id)]
         answer = tokenizer.decode(generated, skip_special_tokens=True)
         gold = tokenizer.decode(example.responses[0], skip_special_tokens=True)
-        hits += _normalise(answer) == _normalise(gold)
+        hits += _collapsed_whitespace(answer) == _collapsed_whitespace(gold)
     model.train(was_training)
     return {"exact_match": hits / max(1, len(examples))}

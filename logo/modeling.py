@@ -66,7 +66,7 @@ def load_model(config: TrainConfig, tokenizer):
     """The causal LM to train (module doc). Parameters in ``config.dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-    from .objective import enable_shared_prefix_attention
+    from .attention import enable_shared_prefix_attention
 
     dtype = DTYPES[config.dtype]
     if config.embedded:

@@ -9,19 +9,8 @@ from __future__ import annotations
 from logo_kernels import LogoLoss, LogoLossOutput
 from logo_kernels.integrations.hf import unwrap_causal_lm, decoder_hidden_states, head_logo_loss
 
-from .attention import ATTENTION_NAME, register_shared_prefix_attention
+from .attention import ATTENTION_NAME, enable_shared_prefix_attention  # noqa: F401 (re-exported)
 from .data.packing import PackedBatch
-
-
-def enable_shared_prefix_attention(model) -> None:
-    """Switches the model's attention to the shared-prefix kernel, for good (gradient checkpointing
-    re-runs layers in the backward, so a temporary switch would recompute with another attention)."""
-    register_shared_prefix_attention()
-    lm = unwrap_causal_lm(model)
-    if hasattr(lm, "set_attn_implementation"):
-        lm.set_attn_implementation(ATTENTION_NAME)
-    else:
-        lm.config._attn_implementation = ATTENTION_NAME
 
 
 def packed_logo_loss(model, batch: PackedBatch, loss_fn: LogoLoss, sequence_parallel=None,
@@ -31,7 +20,7 @@ def packed_logo_loss(model, batch: PackedBatch, loss_fn: LogoLoss, sequence_para
     loss is the full rows' (:mod:`logo.sequence_parallel`)."""
     if getattr(unwrap_causal_lm(model).config, "_attn_implementation", None) != ATTENTION_NAME:
         raise ValueError("the model must use shared-prefix attention for packed rows: call "
-                         "logo.objective.enable_shared_prefix_attention(model) once before training")
+                         "logo.attention.enable_shared_prefix_attention(model) once before training")
     if batch.num_negatives != loss_fn.num_negatives:
         raise ValueError(f"the batch packs {batch.num_negatives} rejected responses per example, the loss "
                          f"expects num_negatives = {loss_fn.num_negatives}")

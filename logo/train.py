@@ -168,13 +168,7 @@ def train(config: TrainConfig) -> dict:
         run.truncate_metrics(start)
         log = MetricsLog(run.path, world.is_main, purge_step=start + 1 if start else None)
         if start == 0 and (config.warmup_copy_steps or config.warmup_sft_steps):
-            summary = base_warmup(engine.module, examples, config, tokenizer.pad_token_id,
-                                  engine.module.config.vocab_size, world.device,
-                                  lambda row: log.write(0, "warmup", row), progress=config.progress)
-            if world.is_main:
-                print(f"logo.train: base model warm-up: copy curriculum {summary['copy_steps']} steps (loss "
-                      f"{summary['copy_loss'] or 0:.3f}), SFT {summary['sft_steps']} steps (loss "
-                      f"{summary['sft_loss'] or 0:.3f})")
+            warm_up_base_model(engine, examples, config, tokenizer, log, world)
         if world.is_main:
             print(f"logo.train: {len(examples)} training / {len(heldout)} held-out examples, M={config.num_negatives}, "
                   f"{engine.trainable_count():,} trainable parameters, world size {world.size}, "
@@ -209,29 +203,44 @@ def train(config: TrainConfig) -> dict:
 
         # finish: checkpoint, (at max_steps) export, evaluation, results.json
         results["steps"] = end - start
-        if end > start:
-            engine.save(run.checkpoints, end, config.keep_checkpoints)
-        if end < config.max_steps:
-            if world.is_main:
-                print(f"logo.train: stopped after step {end} of {config.max_steps} (--stop-after); continue with "
-                      f"--resume --output-dir {run.path}")
-        else:
-            export_final(engine.module, tokenizer, os.path.join(run.path, "final"), world)
-            if heldout or config.eval_niah_lengths:
-                results["after"] = evaluate(engine.model, tokenizer, heldout, loss_fn, config, world, run.path,
-                                            "after")
-                log.write(config.max_steps, "eval", results["after"])
-                report(results, world)
-            if world.is_main:
-                write_json(os.path.join(run.path, "results.json"), results)
-                print(f"logo.train: run directory {run.path} (config.json, metrics.jsonl, tensorboard/, checkpoints/, "
-                      "final/)")
+        finish(results, start, end, engine, tokenizer, heldout, loss_fn, config, world, run, log)
         failed = False
         return results
     finally:
         if log is not None:
             log.close()
         world.close(clean=not failed)
+
+
+def warm_up_base_model(engine, examples, config: TrainConfig, tokenizer, log: MetricsLog, world: World) -> None:
+    """The embedded toy's base-model stages (copy curriculum, then SFT) before LOGO (:mod:`logo.warmup`)."""
+    summary = base_warmup(engine.module, examples, config, tokenizer.pad_token_id, engine.module.config.vocab_size,
+                          world.device, lambda row: log.write(0, "warmup", row), progress=config.progress)
+    if world.is_main:
+        print(f"logo.train: base model warm-up: copy curriculum {summary['copy_steps']} steps (loss "
+              f"{summary['copy_loss'] or 0:.3f}), SFT {summary['sft_steps']} steps (loss "
+              f"{summary['sft_loss'] or 0:.3f})")
+
+
+def finish(results: dict, start: int, end: int, engine, tokenizer, heldout, loss_fn, config: TrainConfig,
+           world: World, run: RunDirectory, log: MetricsLog) -> None:
+    """The last checkpoint; at ``max_steps`` also the exported model, the final evaluation and results.json."""
+    if end > start:
+        engine.save(run.checkpoints, end, config.keep_checkpoints)
+    if end < config.max_steps:
+        if world.is_main:
+            print(f"logo.train: stopped after step {end} of {config.max_steps} (--stop-after); continue with "
+                  f"--resume --output-dir {run.path}")
+        return
+    export_final(engine.module, tokenizer, os.path.join(run.path, "final"), world)
+    if heldout or config.eval_niah_lengths:
+        results["after"] = evaluate(engine.model, tokenizer, heldout, loss_fn, config, world, run.path, "after")
+        log.write(config.max_steps, "eval", results["after"])
+        report(results, world)
+    if world.is_main:
+        write_json(os.path.join(run.path, "results.json"), results)
+        print(f"logo.train: run directory {run.path} (config.json, metrics.jsonl, tensorboard/, checkpoints/, "
+              "final/)")
 
 
 def resume(config: TrainConfig, run: RunDirectory, engine, world: World) -> int:
@@ -290,10 +299,11 @@ def write_atomically(path: str, write) -> None:
 
 
 def write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
+    def dump(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+
+    write_atomically(path, dump)
 
 
 def _main(argv: List[str]) -> int:

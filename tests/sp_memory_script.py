@@ -20,7 +20,7 @@ import transformers  # noqa: E402
 import logo_kernels as lk  # noqa: E402
 from logo.data.packing import pack_rows  # noqa: E402
 from logo.memory_trace import LiveTensorBytes  # noqa: E402
-from logo.objective import enable_shared_prefix_attention  # noqa: E402
+from logo.attention import enable_shared_prefix_attention  # noqa: E402
 from logo.sequence_parallel import SequenceParallel, shard, sharded_logo_loss  # noqa: E402
 
 

@@ -9,7 +9,8 @@ from logo.data.builder import (BuildOptions, build, degenerate, first_question, 
                                 read_raw_file, select_chunks, split_chunks)
 from logo.data.importance import chunk_scores, make_scorer, salient_terms  # noqa: E402
 from logo.data.records import read_preference_file  # noqa: E402
-from logo.data.tokenizer import default_tokenizer, shipped_text  # noqa: E402
+from logo.data.corpus import shipped_text  # noqa: E402
+from logo.data.tokenizer import default_tokenizer  # noqa: E402
 
 NEEDLE = "The lighthouse keeper Bartholomew painted the tower crimson in 1887."
 

@@ -7,7 +7,8 @@ from logo.data import synthesize_positions
 from logo.data.packing import RowLayout, pack_rows
 
 transformers = pytest.importorskip("transformers")
-from logo.objective import enable_shared_prefix_attention, packed_logo_loss  # noqa: E402
+from logo.attention import enable_shared_prefix_attention  # noqa: E402
+from logo.objective import packed_logo_loss  # noqa: E402
 
 VOCAB = 89
 

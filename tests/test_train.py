@@ -264,3 +264,22 @@ def test_warm_up_and_niah_before_after_are_reported(tmp_path, capsys):
     with open(os.path.join(config.output_dir, "metrics.jsonl")) as handle:
         stages = [json.loads(line).get("stage") for line in handle if '"warmup"' in line]
     assert stages[-1] == "done"
+
+
+def test_warmup_constant_gives_deepspeeds_warmup_lr_rates_step_for_step():
+    """The authors' ZeRO-3 runs used DeepSpeed's WarmupLR (log warm-up from 0, then constant): the learning rate of
+    every optimizer step, ours (LambdaLR over logo.schedule) vs DeepSpeed's scheduler stepped after each step."""
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    from logo.schedule import lr_lambda
+
+    config, _ = parse_config(["--model", "/models/x", "--warmup-steps", "120", "--max-steps", "300"])
+    assert config.lr_schedule == "warmup_constant"
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-7)
+    ours = torch.optim.lr_scheduler.LambdaLR(ours_opt, lr_lambda(config))
+    ds_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-7)
+    theirs = WarmupLR(ds_opt, warmup_min_lr=0.0, warmup_max_lr=5e-7, warmup_num_steps=120, warmup_type="log")
+    for step in range(config.max_steps):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(ds_opt.param_groups[0]["lr"], rel=1e-12, abs=1e-20), step
+        ours_opt.step(), ds_opt.step()
+        ours.step(), theirs.step()

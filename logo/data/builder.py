@@ -214,7 +214,7 @@ def hf_generator(model, tokenizer, options: BuildOptions) -> Callable[[List[List
     return generate
 
 
-def _normalise(text: str) -> str:
+def _casefolded_words(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
@@ -222,7 +222,7 @@ def degenerate(chosen: str, rejected: Sequence[str]) -> Optional[str]:
     """Why a generated sample must be dropped, or None."""
     if not chosen.strip() or any(not r.strip() for r in rejected):
         return "empty response"
-    if any(_normalise(r) == _normalise(chosen) for r in rejected):
+    if any(_casefolded_words(r) == _casefolded_words(chosen) for r in rejected):
         return "a rejected response equals the chosen one"
     return None
 

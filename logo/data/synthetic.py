@@ -21,6 +21,7 @@ import random
 import re
 from typing import List
 
+from .corpus import shipped_text
 from .records import PreferenceRecord
 
 KEYS = ("lantern", "compass", "harbour", "orchard", "violin", "glacier", "meadow", "falcon", "ledger", "quarry",
@@ -69,7 +70,6 @@ def make_kv_records(num_records: int, *, split: str = "train", seed: int = 0, co
         raise ValueError(f"num_keys * max_values_per_key must be <= {len(VALUES)} (distinct values)")
     if max_values_per_key < 1 or context_words < 1 or num_records < 0:
         raise ValueError("max_values_per_key, context_words must be >= 1 and num_records >= 0")
-    from .tokenizer import shipped_text
 
     sentences = _sentences(text if text is not None else shipped_text())
     rng = random.Random(SPLIT_SEEDS[split] + seed * 7919)

@@ -13,8 +13,10 @@ same corpus gives the same vocabulary on every machine.
 from __future__ import annotations
 
 import os
-from importlib import resources
 from typing import Iterable, Optional
+
+from .corpus import shipped_text
+from .synthetic import task_phrases
 
 SPECIAL_TOKENS = ["<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -24,11 +26,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def shipped_text() -> str:
-    """The public-domain filler text shipped with the package (see assets/README.md)."""
-    return resources.files("logo.data").joinpath("assets/haystack.txt").read_text(encoding="utf-8")
 
 
 def build_tokenizer(corpus: Iterable[str], *, vocab_size: int = 1024, save_dir: Optional[str] = None):
@@ -55,7 +52,6 @@ def build_tokenizer(corpus: Iterable[str], *, vocab_size: int = 1024, save_dir: 
 
 def default_tokenizer(save_dir: Optional[str] = None, vocab_size: int = 1024):
     """The embedded default: BPE over the shipped text and the synthetic tasks' phrases."""
-    from .synthetic import task_phrases
 
     text = shipped_text()
     corpus = [line for line in text.splitlines() if line.strip()] + task_phrases()

@@ -92,7 +92,7 @@ class NiahCase:
 
 
 def _haystack_ids(tokenizer) -> List[int]:
-    from ..data.tokenizer import shipped_text
+    from ..data.corpus import shipped_text
 
     return list(tokenizer(shipped_text(), add_special_tokens=False)["input_ids"])
 

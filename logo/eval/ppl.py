@@ -60,7 +60,7 @@ def read_documents(path: str) -> List[str]:
 
 
 def _shipped_documents(tokenizer, count: int, length: int, seed: int) -> List[List[int]]:
-    from ..data.tokenizer import shipped_text
+    from ..data.corpus import shipped_text
 
     paragraphs = [p for p in shipped_text().split("\n\n") if p.strip()]
     rng = random.Random(seed)

@@ -73,14 +73,33 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
         raise ValueError(f"hidden, weight, targets and bias must be on one device, got {sorted(map(str, devices))}")
 
 
+_FINITE_CHUNK = 1 << 22  # elements per torch.isfinite pass: its temporaries (|x| and masks) stay ~25 MiB
+
+
+def _first_non_finite(value: torch.Tensor) -> Optional[int]:
+    """Flat index of the first NaN / ±inf of ``value``, or None, without a full-size temporary.
+
+    The sum of a tensor is finite only if every element is (NaN and ±inf propagate; +inf + -inf is NaN), and a
+    reduction allocates nothing of the tensor's size — ``torch.isfinite`` on the whole tensor would (|x| and two
+    masks: ~1.7x the tensor). A non-finite sum (a bad element, or finite values whose sum overflows the dtype)
+    is then resolved exactly, chunk by chunk."""
+    if bool(torch.isfinite(value.sum())):
+        return None
+    flat = value.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        bad = ~torch.isfinite(flat[start:start + _FINITE_CHUNK])
+        if bool(bad.any()):
+            return start + int(bad.nonzero()[0, 0])
+    return None  # finite values whose sum overflowed
+
+
 def check_finite_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """The non-finite policy of the module doc (one pass over each tensor)."""
+    """The non-finite policy of the module doc (one reduction over each tensor; no tensor-sized temporaries)."""
     for name, value in (("hidden", hidden), ("weight", weight)):
         if value.device.type == "meta" or value.numel() == 0:
             continue
-        finite = torch.isfinite(value)
-        if not bool(finite.all()):
-            flat = int((~finite).reshape(-1).nonzero()[0, 0])
+        flat = _first_non_finite(value)
+        if flat is not None:
             bad = value.reshape(-1)[flat].item()
             raise ValueError(f"{name}{_position(flat, value.shape)} = {bad}: {name} must be finite (no NaN or inf)")
     if bias is None or bias.device.type == "meta":

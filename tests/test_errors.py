@@ -190,3 +190,21 @@ def test_token_stats_fields_and_non_differentiable_outputs(backend):
     assert out.entropy[2] == 0 and not out.is_top1[2]
     out.entropy.sum().backward()  # entropy alone carries a gradient
     assert hidden.grad is not None and hidden.grad[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finiteness_check_is_exact_when_the_sum_overflows_and_across_chunks(dtype, monkeypatch):
+    """The finiteness check sums first (no tensor-sized temporary): finite values whose sum overflows the dtype
+    pass, and a bad element is found and named exactly, whatever chunk it falls in."""
+    import logo_kernels._validation as validation
+
+    monkeypatch.setattr(validation, "_FINITE_CHUNK", 1000)
+    big = torch.full((50, 70), torch.finfo(dtype).max / 4, dtype=dtype)  # finite; the sum overflows
+    assert not torch.isfinite(big.sum()) and validation._first_non_finite(big) is None
+    for flat, bad in ((0, float("nan")), (999, float("inf")), (1000, float("-inf")), (3499, float("nan"))):
+        value = big.clone()
+        value.view(-1)[flat] = bad
+        assert validation._first_non_finite(value) == flat
+        with pytest.raises(ValueError, match=rf"weight\[{flat // 70}, {flat % 70}\]"):
+            validation.check_finite_inputs(torch.zeros(2, 70, dtype=dtype), value, None)
+    assert validation._first_non_finite(big[:, ::2]) is None  # non-contiguous

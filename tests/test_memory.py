@@ -13,7 +13,8 @@ import logo_kernels as lk
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns while active."""
+    """Records the largest number of elements of any tensor an op returns while active (views excluded: they
+    allocate nothing)."""
 
     def __init__(self):
         super().__init__()
@@ -22,6 +23,8 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if getattr(func, "is_view", False):
+            return out
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.numel() > self.largest:
                 self.largest, self.op = t.numel(), str(func)
@@ -39,6 +42,19 @@ def test_no_allocation_of_n_times_v_elements(backend):
         (logp * torch.randn(n)).sum().backward()
     # The torch backend's chunks are bounded by its 256 MiB workspace (3 fp32 [chunk, V] buffers).
     assert mode.largest < n * vocab // 4, f"{mode.op} returned {mode.largest} elements (N*V = {n * vocab})"
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_the_forward_allocates_nothing_of_the_heads_size(backend, frozen):
+    """Validation and the forward read the [V, D] head without copying it (no |W| or finiteness masks: those would
+    cost ~1.7x the head — 1.7 GiB for a bf16 128K x 4096 head); only a trainable head's backward returns dW."""
+    n, vocab, dim = 16, 20_000, 256  # [n, V] tiles (the torch backend's chunk) stay below V*D/4
+    hidden = torch.randn(n, dim, requires_grad=True)
+    weight = (torch.randn(vocab, dim) * 0.05).requires_grad_(not frozen)
+    targets = torch.randint(0, vocab, (n,))
+    with LargestTensor() as mode:
+        lk.linear_logprobs(hidden, weight, targets, backend=backend, outputs=("logp", "entropy"))
+    assert mode.largest < vocab * dim // 4, f"{mode.op} returned {mode.largest} elements (V*D = {vocab * dim})"
 
 
 _RSS_SCRIPT = textwrap.dedent("""

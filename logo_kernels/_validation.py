@@ -83,13 +83,14 @@ def _first_non_finite(value: torch.Tensor) -> Optional[int]:
     reduction allocates nothing of the tensor's size — ``torch.isfinite`` on the whole tensor would (|x| and two
     masks: ~1.7x the tensor). A non-finite sum (a bad element, or finite values whose sum overflows the dtype)
     is then resolved exactly, chunk by chunk."""
-    if bool(torch.isfinite(value.sum())):
-        return None
-    flat = value.reshape(-1)
-    for start in range(0, flat.numel(), _FINITE_CHUNK):
-        bad = ~torch.isfinite(flat[start:start + _FINITE_CHUNK])
-        if bool(bad.any()):
-            return start + int(bad.nonzero()[0, 0])
+    with torch.no_grad():  # a check, not part of the graph
+        if bool(torch.isfinite(value.sum())):
+            return None
+        flat = value.reshape(-1)
+        for start in range(0, flat.numel(), _FINITE_CHUNK):
+            bad = ~torch.isfinite(flat[start:start + _FINITE_CHUNK])
+            if bool(bad.any()):
+                return start + int(bad.nonzero()[0, 0])
     return None  # finite values whose sum overflowed
 
 

@@ -115,7 +115,7 @@ def sharded_logo_loss(model, sharded: ShardedBatch, loss_fn, sp: SequenceParalle
 
     import logo_kernels as lk
     from logo_kernels.integrations.hf import causal_lm_parts, decoder_hidden_states, effective_head
-    from logo_kernels.losses.logo import LogoLossOutput
+    from logo_kernels.losses.logo import means_from_sums
 
     hidden = decoder_hidden_states(model, sharded.input_ids, position_ids=sharded.position_ids,
                                    shared_prefix_layouts=sharded.layouts)
@@ -130,14 +130,4 @@ def sharded_logo_loss(model, sharded: ShardedBatch, loss_fn, sp: SequenceParalle
         0, sharded.sequence_ids, torch.ones_like(logp))
     sums = dist_nn.all_reduce(sums, group=sp.group)
     torch.distributed.all_reduce(counts, group=sp.group)
-    if bool((counts == 0).any()):
-        s = int((counts == 0).nonzero()[0, 0])
-        raise ValueError(f"sequence {s} of the batch has no scored tokens")
-    means = (sums / counts).view(-1, sharded.num_negatives + 1)
-    chosen, rejected = means[:, 0], means[:, 1:]
-    out = lk.preference_loss(chosen, rejected, loss_type="logo" if loss_fn.loss_type == "sigmoid" else "hinge",
-                             beta=loss_fn.beta, gamma=loss_fn.gamma, label_smoothing=loss_fn.label_smoothing,
-                             sft_weight=loss_fn.sft_weight)
-    return LogoLossOutput(loss=out.loss, chosen_logps=chosen.detach(), rejected_logps=rejected.detach(),
-                          chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
-                          margins=out.margins, accuracy=out.accuracy, sft_loss=out.sft_loss)
+    return loss_fn.from_means(means_from_sums(sums, counts, sharded.num_negatives))

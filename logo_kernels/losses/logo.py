@@ -77,14 +77,38 @@ def sequence_mean_logps(logp: torch.Tensor, scored: torch.Tensor, cu_seqlens: to
     seq_id = torch.repeat_interleave(torch.arange(num_sequences, device=logp.device), lengths,
                                      output_size=logp.shape[0])
     counts = torch.zeros(num_sequences, dtype=logp.dtype, device=logp.device).index_add_(0, seq_id, scored.to(logp.dtype))
+    sums = torch.zeros(num_sequences, dtype=logp.dtype, device=logp.device).index_add(0, seq_id, logp)
+    return means_from_sums(sums, counts, num_negatives)
+
+
+def means_from_sums(sums: torch.Tensor, counts: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """Per-sequence log-prob sums [S] / scored-token counts [S] -> means [B, M + 1]; a sequence without a scored
+    token is a ValueError naming its example and response (sequence parallelism all-reduces both first)."""
     empty = (counts == 0).nonzero()
     if empty.numel():
         s = int(empty[0, 0])
         group = num_negatives + 1
         raise ValueError(f"example {s // group}: response {_response_name(s % group)} (sequence {s}) has no "
                          f"scored tokens (all targets are ignore_index or it is empty)")
-    sums = torch.zeros(num_sequences, dtype=logp.dtype, device=logp.device).index_add(0, seq_id, logp)
     return (sums / counts).view(-1, num_negatives + 1)
+
+
+def logo_loss_from_means(means: torch.Tensor, *, beta: float, gamma: float, sft_weight: float,
+                         loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> LogoLossOutput:
+    """The LOGO loss (module doc) from the mean response log-probs [B, M + 1] ([:, 0] chosen); differentiable."""
+    chosen, rejected = means[:, 0], means[:, 1:]
+    out = preference_loss(chosen, rejected, loss_type=LOGO_LOSS_TYPES[loss_type], beta=beta, gamma=gamma,
+                          label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return LogoLossOutput(
+        loss=out.loss,
+        chosen_logps=chosen.detach(),
+        rejected_logps=rejected.detach(),
+        chosen_rewards=out.chosen_rewards,
+        rejected_rewards=out.rejected_rewards,
+        margins=out.margins,
+        accuracy=out.accuracy,
+        sft_loss=out.sft_loss,
+    )
 
 
 def logo_loss(
@@ -131,19 +155,8 @@ def logo_loss(
     logp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
                            softcap=softcap, logit_scale=logit_scale, backend=backend, deterministic=deterministic)
     means = sequence_mean_logps(logp, targets != ignore_index, cu_seqlens, num_negatives)
-    chosen, rejected = means[:, 0], means[:, 1:]
-    out = preference_loss(chosen, rejected, loss_type=LOGO_LOSS_TYPES[loss_type], beta=beta, gamma=gamma,
-                          label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return LogoLossOutput(
-        loss=out.loss,
-        chosen_logps=chosen.detach(),
-        rejected_logps=rejected.detach(),
-        chosen_rewards=out.chosen_rewards,
-        rejected_rewards=out.rejected_rewards,
-        margins=out.margins,
-        accuracy=out.accuracy,
-        sft_loss=out.sft_loss,
-    )
+    return logo_loss_from_means(means, beta=beta, gamma=gamma, sft_weight=sft_weight, loss_type=loss_type,
+                                label_smoothing=label_smoothing)
 
 
 class LogoLoss(nn.Module):
@@ -172,6 +185,11 @@ class LogoLoss(nn.Module):
                          gamma=self.gamma, sft_weight=self.sft_weight, loss_type=self.loss_type,
                          label_smoothing=self.label_smoothing, ignore_index=self.ignore_index, bias=bias,
                          temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=self.backend)
+
+    def from_means(self, means: torch.Tensor) -> LogoLossOutput:
+        """:func:`logo_loss_from_means` with this loss's hyper-parameters (means [B, M + 1], chosen first)."""
+        return logo_loss_from_means(means, beta=self.beta, gamma=self.gamma, sft_weight=self.sft_weight,
+                                    loss_type=self.loss_type, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
         return (f"num_negatives={self.num_negatives}, beta={self.beta}, gamma={self.gamma}, "

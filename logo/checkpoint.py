@@ -16,6 +16,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .files import write_text_atomically
+
 LATEST = "latest"
 TRAINER_STATE = "trainer.pt"
 
@@ -38,15 +40,6 @@ def trainable_state_dict(model) -> Dict[str, torch.Tensor]:
     """Only the parameters that train (LoRA adapters, or everything in full fine-tuning)."""
     names = {name for name, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
-
-
-def _replace_file(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, engine=None, keep: int = 2,
@@ -73,7 +66,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, engine
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _replace_file(os.path.join(root, LATEST), f"step-{step}\n")
+        write_text_atomically(os.path.join(root, LATEST), f"step-{step}\n", fsync=True)
         _prune(root, keep, step)
     barrier()
     return final

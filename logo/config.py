@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ConfigError, InputFileError
+from .files import write_json_atomically
 
 
 def _opt(default, help: str, choices: Sequence = None, *, low=None, high=None, low_open=False, high_open=False,
@@ -354,10 +355,7 @@ def parse_config(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, List[st
 
 def save_config(config: TrainConfig, path: str) -> None:
     """Writes the config as JSON atomically (temp file + rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(config.to_dict(), handle, indent=2)
-    os.replace(tmp, path)
+    write_json_atomically(path, config.to_dict())
 
 
 def resume_differences(saved: Dict[str, Any], config: TrainConfig) -> List[str]:

@@ -22,6 +22,7 @@ from typing import Optional
 
 from .config import TrainConfig, resume_differences, save_config
 from .errors import RunDirectoryError
+from .files import write_text_atomically
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -106,7 +107,4 @@ class RunDirectory:
                     continue
                 if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(kept))

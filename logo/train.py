@@ -13,7 +13,6 @@ line; a diverging run (non-finite loss or gradient) with code 3, keeping its las
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ from .distributed import World, init_world
 from .engine import NonFiniteGradient, make_engine
 from .errors import run_cli
 from .evaluate import EVAL_SEED, preference_metrics, retrieval_exact_match
+from .files import write_atomically, write_json_atomically
 from .metrics_log import MetricsLog
 from .modeling import export_final, load_model, load_tokenizer
 from .objective import packed_logo_loss
@@ -238,7 +238,7 @@ def finish(results: dict, start: int, end: int, engine, tokenizer, heldout, loss
         log.write(config.max_steps, "eval", results["after"])
         report(results, world)
     if world.is_main:
-        write_json(os.path.join(run.path, "results.json"), results)
+        write_json_atomically(os.path.join(run.path, "results.json"), results)
         print(f"logo.train: run directory {run.path} (config.json, metrics.jsonl, tensorboard/, checkpoints/, "
               "final/)")
 
@@ -290,20 +290,6 @@ def niah_table(before: dict, after: dict, longest_training_context: int = None) 
         lines.append(f"  {mode:<8}{length:>8}  {b['recall']:>6.1%} -> {a.get('recall', float('nan')):>6.1%}"
                      f"   {b['exact_match']:>6.1%} -> {a.get('exact_match', float('nan')):>6.1%}")
     return "\n".join(lines)
-
-
-def write_atomically(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, data) -> None:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-
-    write_atomically(path, dump)
 
 
 def _main(argv: List[str]) -> int:

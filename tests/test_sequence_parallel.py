@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from logo.data.packing import pack_rows  # noqa: E402
 from logo.sequence_parallel import check_heads, shard  # noqa: E402
-from test_distributed import TINY, launch  # noqa: E402
+from test_distributed import launch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

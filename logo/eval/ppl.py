@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence

@@ -8,9 +8,10 @@ malformed input file (``file:line``), a run directory that would be overwritten.
 """
 from __future__ import annotations
 
+import json
 import sys
 import traceback
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 USAGE_EXIT = 2
 
@@ -49,6 +50,19 @@ def read_text_lines(path: str, what: str = "file"):
             except UnicodeDecodeError as error:
                 raise InputFileError(f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
                                      f"{error.start + 1})") from None
+
+
+def read_json_lines(path: str, what: str = "file") -> Iterator[Tuple[int, Any, Optional[json.JSONDecodeError]]]:
+    """Yields (line number, decoded value, None) for each non-blank line of a JSONL file, or (line number, None, the
+    decode error) for a line that is not JSON — the caller words (or collects) that error; a missing file or
+    non-UTF-8 line raises as in :func:`read_text_lines`."""
+    for number, line in read_text_lines(path, what):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line), None
+        except json.JSONDecodeError as error:
+            yield number, None, error
 
 
 def strip_debug(argv: Optional[Sequence[str]]) -> tuple:

@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, InputFileError, read_text_lines, run_cli
+from ..errors import ConfigError, InputFileError, read_json_lines, run_cli
 from .importance import SCORERS, Scorer, make_scorer
 from .records import PreferenceRecord, read_preference_file
 
@@ -98,14 +98,10 @@ class RawRecord:
 def _read_jsonl(path: str, what: str, required: Tuple[str, ...], text_fields: Tuple[str, ...], build,
                 one_of: Tuple[str, ...] = ()) -> list:
     records, errors, seen = [], [], set()
-    for number, line in read_text_lines(path, what):
-        if not line.strip():
-            continue
+    for number, obj, bad in read_json_lines(path, what):
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as error:
-            errors.append(f"{where}: record: invalid JSON ({error.msg})")
+        if bad is not None:
+            errors.append(f"{where}: record: invalid JSON ({bad.msg})")
             continue
         if not isinstance(obj, dict):
             errors.append(f"{where}: record: must be a JSON object")

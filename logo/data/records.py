@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
-from ..errors import InputFileError, read_text_lines
+from ..errors import InputFileError, read_json_lines
 
 REQUIRED = ("id", "context", "question", "chosen", "rejected")
 
@@ -89,13 +89,9 @@ def record_problems(obj, num_negatives: int) -> List[Tuple[str, str]]:
 def read_preference_file(path: str, num_negatives: int = 2) -> List[PreferenceRecord]:
     """Reads and validates a JSONL preference file (module doc); blank lines are skipped."""
     records, errors, seen = [], [], {}
-    for line_no, line in read_text_lines(path, "preference file"):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(f"{path}:{line_no}: record: not valid JSON ({exc.msg} at column {exc.colno})")
+    for line_no, obj, bad in read_json_lines(path, "preference file"):
+        if bad is not None:
+            errors.append(f"{path}:{line_no}: record: not valid JSON ({bad.msg} at column {bad.colno})")
             continue
         problems = record_problems(obj, num_negatives)
         errors += [f"{path}:{line_no}: {field}: {message}" for field, message in problems]

@@ -9,7 +9,6 @@ whole window.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..errors import ConfigError, InputFileError, read_text_lines
+from ..errors import ConfigError, InputFileError, read_json_lines, read_text_lines
 
 
 @dataclass
@@ -41,13 +40,9 @@ def read_documents(path: str) -> List[str]:
     """Documents of a user file (module doc)."""
     if path.endswith(".jsonl"):
         docs = []
-        for number, line in read_text_lines(path, "documents file"):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputFileError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+        for number, obj, bad in read_json_lines(path, "documents file"):
+            if bad is not None:
+                raise InputFileError(f"{path}:{number}: invalid JSON ({bad.msg})")
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
                 raise InputFileError(f"{path}:{number}: text: must be a non-empty string")
             docs.append(obj["text"])

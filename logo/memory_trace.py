@@ -9,7 +9,7 @@ Used to validate :mod:`logo.estimate` against real steps on CPU.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Callable, Dict, Iterable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -57,3 +57,20 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._add(t)
         self.peak = max(self.peak, self.live_bytes)
         return out
+
+
+def peak_of_a_training_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor], optimizer) -> int:
+    """Peak live tensor bytes of one full step (zero_grad, ``loss().backward()``, ``optimizer.step()``), traced on
+    the second step, when the optimizer's states exist; parameters and states count from the start."""
+    def full_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    full_step()
+    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    trace = LiveTensorBytes()
+    trace.track(list(model.parameters()) + states)
+    with trace:
+        full_step()
+    return trace.peak

@@ -3,7 +3,7 @@
 argv: out.json context response negatives vocab dim layers checkpointing(0|1)
 One packed row [prefix | M + 1 responses] of a tiny Llama (4 heads, 2 key/value heads, MLP 4·dim), sharded over the
 P ranks with DeepSpeed's Ulysses attention; full fine-tuning with AdamW. The second full step (fwd + bwd + optimizer,
-AdamW states existing) is traced op by op with :class:`logo.memory_trace.LiveTensorBytes` on every rank; rank 0
+AdamW states existing) is traced op by op (:func:`logo.memory_trace.peak_of_a_training_step`) on every rank; rank 0
 writes the per-rank peaks (bytes) and the model's shape to out.json.
 """
 import json
@@ -19,7 +19,7 @@ import transformers  # noqa: E402
 
 import logo_kernels as lk  # noqa: E402
 from logo.data.packing import pack_rows  # noqa: E402
-from logo.memory_trace import LiveTensorBytes  # noqa: E402
+from logo.memory_trace import peak_of_a_training_step  # noqa: E402
 from logo.attention import enable_shared_prefix_attention  # noqa: E402
 from logo.sequence_parallel import SequenceParallel, shard, sharded_logo_loss  # noqa: E402
 
@@ -52,20 +52,9 @@ def main():
     sp = SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group(), mpu, 0, 1)
     sharded = shard(batch, size, sp.rank, pad_token_id=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-
-    def full_step():
-        optimizer.zero_grad(set_to_none=True)
-        sharded_logo_loss(model, sharded, loss_fn, sp).loss.backward()
-        optimizer.step()
-
-    full_step()
-    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-    trace = LiveTensorBytes()
-    trace.track(list(model.parameters()) + states)
-    with trace:
-        full_step()
+    peak = peak_of_a_training_step(model, lambda: sharded_logo_loss(model, sharded, loss_fn, sp).loss, optimizer)
     peaks = [None] * size
-    torch.distributed.all_gather_object(peaks, trace.peak)
+    torch.distributed.all_gather_object(peaks, peak)
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump({"peaks": peaks, "intermediate": config.intermediate_size, "heads": 4, "kv_heads": 2}, handle)

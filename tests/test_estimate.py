@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from logo.estimate import BUILTIN, GIB, ModelShape, Setting, estimate, fits, main, model_shape  # noqa: E402
-from logo.memory_trace import LiveTensorBytes  # noqa: E402
+from logo.memory_trace import peak_of_a_training_step  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import bench_step  # noqa: E402
@@ -24,19 +24,7 @@ def traced_step_bytes(method, context, response, negatives, vocab, dim, layers, 
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-
-    def full_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss().backward()
-        optimizer.step()
-
-    full_step()
-    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-    trace = LiveTensorBytes()
-    trace.track(list(model.parameters()) + states)
-    with trace:
-        full_step()
-    return trace.peak, model.config
+    return peak_of_a_training_step(model, loss, optimizer), model.config
 
 
 CASES = [  # method, context, response, M, vocab, dim, layers, checkpointing

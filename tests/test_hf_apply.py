@@ -51,23 +51,30 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_loss_and_gradients_equal_the_models_own(name):
-    model = family(name).float()
-    ids, labels = batch()
+def fused_matches_own(model, ids, labels):
+    """The model's own loss and gradients, then the same after ``hf.apply``: asserts they agree; returns the
+    fused output and both gradient dicts."""
     ref = model(input_ids=ids, labels=labels)
     ref.loss.backward()
     expected = grads(model)
     model.zero_grad(set_to_none=True)
     hf.apply(model)
     out = model(input_ids=ids, labels=labels)
-    assert out.logits is None
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     got = grads(model)
-    assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    return out, got, expected
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_loss_and_gradients_equal_the_models_own(name):
+    model = family(name).float()
+    ids, labels = batch()
+    out, got, expected = fused_matches_own(model, ids, labels)
+    assert out.logits is None
+    assert got.keys() == expected.keys()
     hf.revert(model)
     assert model(input_ids=ids, labels=labels).logits is not None and not hf.is_applied(model)
 
@@ -103,19 +110,8 @@ def test_peft_lora_on_the_head_is_exact():
     base = family("llama")
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                                                       target_modules=["q_proj", "v_proj", "lm_head"]))
-    ids, labels = batch()
-    ref = model(input_ids=ids, labels=labels)
-    ref.loss.backward()
-    expected = grads(model)
-    model.zero_grad(set_to_none=True)
-    hf.apply(model)
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    got = grads(model)
+    _, got, _ = fused_matches_own(model, *batch())
     assert any("lm_head" in k for k in got)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_no_tokens_times_vocab_tensor_is_allocated():

@@ -135,23 +135,12 @@ def test_estimator_sequence_parallel_terms_match_the_traced_peak_per_rank(tmp_pa
 def test_the_128k_recipe_runs_sequence_parallel_on_two_processes(tmp_path):
     """configs/llama3.1-8b-instruct-128k-sp.yaml as shipped (LoRA with embeddings, ZeRO-3, checkpointing, real
     positions), shrunk only in length, model and processes: SP = 2 on a saved tiny Llama, two optimizer steps."""
-    import transformers
+    from tiny_assets import save_tiny_llama_and_preferences
 
-    from logo.data.records import write_preference_file
-    from logo.data.synthetic import make_kv_records
-    from logo.data.tokenizer import default_tokenizer
-
-    tokenizer = default_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                      max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "model"))
-    tokenizer.save_pretrained(str(tmp_path / "model"))
-    write_preference_file(make_kv_records(4, context_words=150), str(tmp_path / "prefs.jsonl"))
+    model, prefs = save_tiny_llama_and_preferences(tmp_path, kv_heads=2)
     out = tmp_path / "run"
     result = torchrun("-m", "logo.train", "--config", "configs/llama3.1-8b-instruct-128k-sp.yaml", "--model",
-                      str(tmp_path / "model"), "--train-file", str(tmp_path / "prefs.jsonl"),
+                      model, "--train-file", prefs,
                       "--sequence-parallel-size", "2", "--max-context-tokens", "256", "--max-response-tokens", "32",
                       "--max-steps", "2", "--grad-accum", "1", "--save-every", "0", "--warmup-steps", "1",
                       "--no-progress", "--output-dir", str(out))

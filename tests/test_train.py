@@ -174,20 +174,9 @@ def test_shipped_recipes_parse_and_fill_the_deepspeed_config(recipe, monkeypatch
 @pytest.fixture(scope="module")
 def tiny_model_and_data(tmp_path_factory):
     """A saved tiny Llama with the offline tokenizer, and a small preference file of the synthetic task."""
-    from logo.data.records import write_preference_file
-    from logo.data.synthetic import make_kv_records
-    from logo.data.tokenizer import default_tokenizer
+    from tiny_assets import save_tiny_llama_and_preferences
 
-    root = tmp_path_factory.mktemp("recipe")
-    tokenizer = default_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "model"))
-    tokenizer.save_pretrained(str(root / "model"))
-    write_preference_file(make_kv_records(4, context_words=150), str(root / "prefs.jsonl"))
-    return str(root / "model"), str(root / "prefs.jsonl")
+    return save_tiny_llama_and_preferences(tmp_path_factory.mktemp("recipe"), kv_heads=1)
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))

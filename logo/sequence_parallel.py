@@ -60,7 +60,7 @@ def setup(model, size: int, micro_batch_rows: int, world) -> Optional[SequencePa
         raise ConfigError(f"sequence_parallel_size {size} does not divide the world size {world.size}")
     from logo_kernels.integrations.hf import unwrap_causal_lm
 
-    from .attention import ATTENTION_NAME
+    from .attention import ATTENTION_NAME, set_head_slice
 
     lm = unwrap_causal_lm(model)
     check_heads(lm.config, size)
@@ -72,8 +72,10 @@ def setup(model, size: int, micro_batch_rows: int, world) -> Optional[SequencePa
             micro_batch_size=micro_batch_rows, seq_length_is_variable=True, disable_in_eval=True)
     except ValueError as error:  # DeepSpeed refuses the attention or the heads
         raise ConfigError(f"DeepSpeed's Ulysses sequence parallelism refused the model: {error}") from None
-    return SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group(), mpu,
-                            world.rank // size, world.size // size)
+    rank = mpu.get_sequence_parallel_rank()
+    set_head_slice(rank, size)  # each rank attends with its P-th of the heads: per-head sinks follow
+    return SequenceParallel(size, rank, mpu.get_sequence_parallel_group(), mpu, world.rank // size,
+                            world.size // size)
 
 
 @dataclass

@@ -4,7 +4,8 @@ Builds a tiny Llama with GQA and the shared-prefix attention, packed rows with s
 shard boundary falls (case) inside the prefix, inside a response, or exactly at a response's first token; computes
 the unsharded LOGO loss and gradients on every rank first, then registers DeepSpeed's Ulysses attention and computes
 the sharded loss (this rank's half of each row) and gradients (summed over the group / P, as DeepSpeed averages).
-Rank 0 writes {case: {max differences}} to argv[2] as JSON.
+Rank 0 writes {case: {max differences}} to argv[1] as JSON. argv[2] (optional) names a family of
+tests/model_zoo.py (a sliding-window or sink model) to use instead of the Llama.
 """
 import json
 import os
@@ -23,6 +24,7 @@ from logo.data.positions import synthesize_positions  # noqa: E402
 from logo.attention import enable_shared_prefix_attention  # noqa: E402
 from logo.objective import packed_logo_loss  # noqa: E402
 from logo.sequence_parallel import SequenceParallel, shard, sharded_logo_loss  # noqa: E402
+from logo.attention import set_head_slice  # noqa: E402
 
 VOCAB = 300
 # (prefix length, response lengths) of the rows; the packed width is even, so the boundary sits at width / 2
@@ -33,10 +35,10 @@ CASES = {
 }
 
 
-def rows_for(case, g):
+def rows_for(case, g, vocab=VOCAB):
     prefix_len, responses = CASES[case]
-    prefix = torch.randint(0, VOCAB, (prefix_len,), generator=g)
-    answers = [torch.randint(0, VOCAB, (n,), generator=g) for n in responses]
+    prefix = torch.randint(0, vocab, (prefix_len,), generator=g)
+    answers = [torch.randint(0, vocab, (n,), generator=g) for n in responses]
     positions = synthesize_positions([prefix_len - 2], window=4096, prefix=2, tail=max(responses) + 1,
                                      strategy="continuous", generator=g).context  # gapped positions
     return prefix, answers, positions
@@ -50,18 +52,25 @@ def main():
     out_path = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                                      tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config).train()
+    family = sys.argv[2] if len(sys.argv) > 2 else None
+    if family is None:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=4096, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config).train()
+    else:
+        from model_zoo import build
+
+        model = build(family).train()
+    vocab = model.config.vocab_size
     enable_shared_prefix_attention(model)
     loss_fn = lk.LogoLoss(num_negatives=2, beta=2.0, gamma=0.3, sft_weight=0.5)
     g = torch.Generator().manual_seed(1)
     batches = {}
     for case in CASES:
-        prefix, answers, positions = rows_for(case, g)
-        prefix2, answers2, positions2 = rows_for(case, g)  # a second row of the same shape
+        prefix, answers, positions = rows_for(case, g, vocab)
+        prefix2, answers2, positions2 = rows_for(case, g, vocab)  # a second row of the same shape
         batches[case] = pack_rows([prefix, prefix2], [answers, answers2], prefix_positions=[positions, positions2])
     reference = {}
     for case, batch in batches.items():  # unsharded, before Ulysses is registered (its wrapper is process-global)
@@ -76,6 +85,7 @@ def main():
                                                           sequence_parallel_size=2, micro_batch_size=2,
                                                           disable_in_eval=True)
     sp = SequenceParallel(2, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group(), mpu, 0, 1)
+    set_head_slice(sp.rank, sp.size)  # what logo.sequence_parallel.setup does: per-head sinks follow the heads
     result = {}
     for case, batch in batches.items():
         model.zero_grad(set_to_none=True)

@@ -31,12 +31,14 @@ def torchrun(*args, timeout=600):
     return result
 
 
-def test_sharded_loss_and_gradients_equal_the_unsharded_ones(tmp_path):
+@pytest.mark.parametrize("family", [None, "mistral-sliding", "gpt-oss"], ids=["llama", "sliding-window", "sinks"])
+def test_sharded_loss_and_gradients_equal_the_unsharded_ones(tmp_path, family):
     """Boundary inside the prefix, inside a response, exactly at a response's first token (whose predictor, the
     last prefix position, sits on the other rank): per-sequence log-probs, the loss and every parameter gradient
-    equal the unsharded computation (GQA, gapped positions, fp32)."""
+    equal the unsharded computation (GQA, gapped positions, fp32) — for a Llama, a sliding-window model (window 5,
+    shorter than every prefix) and GPT-OSS (sinks sliced to each rank's heads, alternating sliding layers)."""
     out = tmp_path / "sp.json"
-    torchrun(os.path.join(ROOT, "tests", "sp_equivalence_script.py"), str(out))
+    torchrun(os.path.join(ROOT, "tests", "sp_equivalence_script.py"), str(out), *([family] if family else []))
     result = json.load(open(out))
     assert set(result) == {"boundary_in_prefix", "boundary_in_response", "boundary_at_first_token"}
     for case, r in result.items():

@@ -28,7 +28,8 @@ class LogoLossOutput:
 
     chosen_logps [B] and rejected_logps [B, M] are length-normalised mean log-probs; chosen_rewards [B]
     and rejected_rewards [B, M] are beta times them; margins [B] = chosen_rewards - mean rejected_rewards;
-    accuracy = fraction of (example, rejected) pairs ranked correctly; sft_loss = mean of -chosen_logps.
+    accuracy = fraction of (example, rejected) pairs ranked correctly; sft_loss = mean of -chosen_logps;
+    aux_loss: a term a caller added to ``loss`` (e.g. an MoE router's load-balancing loss), else None.
     """
 
     loss: torch.Tensor
@@ -39,6 +40,7 @@ class LogoLossOutput:
     margins: torch.Tensor
     accuracy: torch.Tensor
     sft_loss: torch.Tensor
+    aux_loss: Optional[torch.Tensor] = None
 
 
 def _response_name(k: int) -> str:

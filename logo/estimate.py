@@ -51,32 +51,52 @@ GPUS = {"A800-80GB": 80 * GIB, "A100-80GB": 80 * GIB, "H100-80GB": 80 * GIB, "H2
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What memory depends on in a Llama-style decoder."""
+    """What memory depends on in a decoder: Llama-style layers, optionally explicit head sizes (Gemma 3, GPT-OSS)
+    and mixture-of-experts MLPs (``experts`` > 0: every expert's parameters count, ``experts_per_token`` run per
+    token)."""
 
     name: str
     vocab: int
     hidden: int
-    intermediate: int
+    intermediate: int  # per expert in an MoE
     layers: int
     heads: int
     kv_heads: int
     tied: bool = False
+    explicit_head_dim: Optional[int] = None
+    experts: int = 0
+    experts_per_token: int = 0
+    exact_prefix: bool = False  # softcap, sinks or sliding windows: the prefix runs logo.attention's exact path
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def active_mlps(self) -> int:
+        """MLPs a token runs through per layer (1 dense; top-k experts in an MoE)."""
+        return self.experts_per_token if self.experts else 1
+
     def layer_linears(self) -> Dict[str, Tuple[int, int]]:
-        d, kv, i = self.hidden, self.kv_dim, self.intermediate
-        return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+        d, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                 "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
 
     def layer_parameters(self) -> int:
-        return sum(a * b for a, b in self.layer_linears().values()) + 2 * self.hidden
+        sizes = {name: a * b for name, (a, b) in self.layer_linears().items()}
+        attention = sizes["q_proj"] + sizes["k_proj"] + sizes["v_proj"] + sizes["o_proj"]
+        mlp = sizes["gate_proj"] + sizes["up_proj"] + sizes["down_proj"]
+        if self.experts:
+            mlp = self.experts * mlp + self.hidden * self.experts  # every expert, and the router
+        return attention + mlp + 2 * self.hidden
 
     def parameters(self) -> int:
         embed = self.vocab * self.hidden
@@ -87,11 +107,24 @@ BUILTIN = {
     "llama-3-8b": ModelShape("Llama-3-8B", 128256, 4096, 14336, 32, 32, 8),
     "mistral-7b": ModelShape("Mistral-7B", 32000, 4096, 14336, 32, 32, 8),
     "llama-2-7b": ModelShape("Llama-2-7B", 32000, 4096, 11008, 32, 32, 32),
+    # Qwen/Qwen2.5-7B-Instruct config.json: vocab 152064, hidden 3584, intermediate 18944, 28 layers, 28 / 4 heads
+    "qwen2.5-7b": ModelShape("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4),
+    # Qwen/Qwen3-8B: vocab 151936, hidden 4096, intermediate 12288, 36 layers, 32 / 8 heads, head_dim 128
+    "qwen3-8b": ModelShape("Qwen3-8B", 151936, 4096, 12288, 36, 32, 8),
+    # google/gemma-3-12b-it (text): vocab 262208, hidden 3840, intermediate 15360, 48 layers, 16 / 8 heads of 256,
+    # tied embeddings; 5 sliding (1024) : 1 global layers — the window changes no stored activation
+    "gemma-3-12b": ModelShape("Gemma-3-12B", 262208, 3840, 15360, 48, 16, 8, tied=True, explicit_head_dim=256,
+                              exact_prefix=True),
+    # openai/gpt-oss-20b: vocab 201088, hidden 2880, 24 layers, 64 / 8 heads of 64, 32 experts (intermediate 2880),
+    # 4 per token; attention sinks and alternating 128-token sliding layers
+    "gpt-oss-20b": ModelShape("GPT-OSS-20B", 201088, 2880, 2880, 24, 64, 8, explicit_head_dim=64, experts=32,
+                              experts_per_token=4, exact_prefix=True),
 }
 
 
 def model_shape(name_or_path: str) -> ModelShape:
-    """A built-in shape (``llama-3-8b``, ``mistral-7b``, ``llama-2-7b``) or a local config.json / model dir."""
+    """A built-in shape (``BUILTIN``) or a local config.json / model dir (dense or MoE: ``num_local_experts`` /
+    ``num_experts`` with ``num_experts_per_tok`` and, where given, ``moe_intermediate_size``)."""
     if name_or_path.lower() in BUILTIN:
         return BUILTIN[name_or_path.lower()]
     path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
@@ -112,12 +145,19 @@ def model_shape(name_or_path: str) -> ModelShape:
     bad = [f"{k} = {v!r}" for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad:
         raise InputFileError(f"{path}: sizes must be integers >= 1: {', '.join(bad)}")
-    if values["hidden_size"] % heads or heads % values["num_key_value_heads"]:
-        raise InputFileError(f"{path}: hidden_size must divide by num_attention_heads, and those by "
-                             "num_key_value_heads")
+    head_dim = c.get("head_dim")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        raise InputFileError(f"{path}: head_dim must be an integer >= 1, got {head_dim!r}")
+    if (head_dim is None and values["hidden_size"] % heads) or heads % values["num_key_value_heads"]:
+        raise InputFileError(f"{path}: hidden_size must divide by num_attention_heads (or head_dim be given), and "
+                             "those by num_key_value_heads")
+    experts = c.get("num_local_experts") or c.get("num_experts") or 0
+    per_token = c.get("num_experts_per_tok") or 0
+    intermediate = c.get("moe_intermediate_size") or c["intermediate_size"] if experts else c["intermediate_size"]
     return ModelShape(os.path.basename(os.path.dirname(os.path.abspath(path))) or path, c["vocab_size"],
-                      c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
-                      values["num_key_value_heads"], bool(c.get("tie_word_embeddings", False)))
+                      c["hidden_size"], intermediate, c["num_hidden_layers"], heads,
+                      values["num_key_value_heads"], bool(c.get("tie_word_embeddings", False)), head_dim,
+                      int(experts), int(per_token))
 
 
 @dataclass(frozen=True)
@@ -142,6 +182,7 @@ class Setting:
     fragmentation: float = 0.05
     workspace_gib: float = 0.25      # fused loss tile workspace bound
     sequence_parallel: int = 1       # sequence-parallel group size (DeepSpeed Ulysses)
+    attention_chunk_elements: int = 1 << 24  # scores per query chunk of the exact attention (logo.attention)
 
     def validate(self) -> "Setting":
         """Every field by class: choices, integers >= 1 (negatives, GPUs, ... ) or >= 0, finite non-negative
@@ -153,7 +194,7 @@ class Setting:
         if self.zero not in (0, 1, 2, 3) or isinstance(self.zero, bool):
             raise ConfigError(f"zero must be 0..3, got {self.zero}")
         for name in ("real_tokens", "window", "negatives", "response_tokens", "gpus", "rows", "lora_r",
-                     "sequence_parallel"):
+                     "sequence_parallel", "attention_chunk_elements"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -208,14 +249,30 @@ def ulysses_bytes_per_token(shape: ModelShape, b: int) -> int:
     """Per local token and layer, what DeepSpeed's Ulysses attention adds: the all-to-all outputs q, k, v (whole
     sequence, heads / P: the same bytes as the local q, k, v) and the attention output before the all-to-all back,
     all saved for the backward."""
-    return b * (2 * shape.hidden + 2 * shape.kv_dim)
+    return b * (2 * shape.q_dim + 2 * shape.kv_dim)
 
 
 def layer_activation_bytes_per_token(shape: ModelShape, b: int) -> int:
-    """Saved tensors of one Llama layer per token: norms (input, normalised, output: 3D each), q / rotated q /
-    q with RoPE (3D), k, v and their RoPE forms (4 kv), attention output and its contiguous copy (2D),
-    the residual (D), gate / up / SiLU / product (4I)."""
-    return b * (12 * shape.hidden + 4 * shape.kv_dim + 4 * shape.intermediate)
+    """Saved tensors of one decoder layer per token, as traced (``tests/test_estimate.py``; the shared-prefix
+    attention saves no copy of the keys): about 2.5 D for the norms and residual stream, 2 q_dim (the rotated
+    queries and the attention output's contiguous copy), 4 kv (keys, values and their rotated forms) and
+    gate / up / SiLU / product (4I) of each MLP the token runs (top-k experts in an MoE, plus the routed copies of
+    its hidden state)."""
+    mlp = shape.active_mlps * (4 * shape.intermediate + (2 * shape.hidden if shape.experts else 0))
+    return int(b * (2.5 * shape.hidden + 2 * shape.q_dim + 4 * shape.kv_dim + mlp))
+
+
+def attention_transient_bytes(shape: ModelShape, s: "Setting", b: int, row_tokens: int) -> float:
+    """One layer's shared-prefix attention beyond its saved tensors (:mod:`logo.attention`), in the backward: fp32
+    key/value gradient accumulators of the row (key/value heads) and the live fp32 score tensors of one query chunk
+    (two — four with softcap —, each at most ``attention_chunk_elements``: a response's queries against the prefix and itself; the whole prefix too for a
+    model whose prefix runs the exact path, ``ModelShape.exact_prefix``). Under sequence parallelism the row is
+    whole but the heads a P-th."""
+    per_row = 2 * 4 * shape.kv_dim * row_tokens / s.sequence_parallel
+    queries = s.real_tokens if shape.exact_prefix else s.response_tokens
+    scores = min(s.attention_chunk_elements,
+                 shape.heads / s.sequence_parallel * queries * (s.real_tokens + s.response_tokens))
+    return s.rows * per_row + (4 if shape.exact_prefix else 2) * 4 * scores
 
 
 def estimate(shape: ModelShape, s: Setting) -> Dict[str, float]:
@@ -246,10 +303,8 @@ def estimate(shape: ModelShape, s: Setting) -> Dict[str, float]:
     else:
         kept += backbone * per_token_layer * shape.layers
         recompute = 0.0
-    # shared-prefix packing concatenates the prefix keys/values per response (one layer, transient)
-    # (under sequence parallelism: on the whole sequence for heads / P, so a P-th of it)
-    attention = (2 * b * shape.hidden * (s.real_tokens + s.response_tokens) * s.rows / s.sequence_parallel
-                 if s.packing == "shared" else 0.0)
+    row_tokens = s.real_tokens + (s.negatives + 1) * s.response_tokens
+    attention = attention_transient_bytes(shape, s, b, row_tokens) if s.packing == "shared" else 0.0
     vocab = shape.vocab
     if s.loss == "naive":
         upcast = 4 if b < 4 else 0  # fp32 logits are not copied by .float()

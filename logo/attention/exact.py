@@ -128,8 +128,8 @@ class _SegmentAttention(torch.autograd.Function):
             total = torch.logsumexp(torch.stack(parts), 0) if len(parts) > 1 else parts[0]
             total = total.masked_fill(total == NEG_INF, 0.0)  # a query that sees nothing (padding) outputs 0
             acc = None
-            for s, (a, b, _) in zip(scores, blocks):
-                term = torch.bmm(torch.exp(s - total[..., None]).to(v.dtype), v[:, a:b]).float()
+            for s, (a, b, _) in zip(scores, blocks):  # the scores become probabilities in place
+                term = torch.bmm(s.sub_(total[..., None]).exp_().to(v.dtype), v[:, a:b]).float()
                 acc = term if acc is None else acc.add_(term)
             out[:, c0 - spec.first:c1 - spec.first] = acc.view(heads, rows, d).to(out.dtype)
             lse[:, c0 - spec.first:c1 - spec.first] = total.view(heads, rows)
@@ -159,11 +159,11 @@ class _SegmentAttention(torch.autograd.Function):
             for a, b, mask in blocks:
                 kb, vb = k[:, a:b], v[:, a:b]
                 s, t = _scores(qc, kb, mask, spec, groups)
-                p = torch.exp(s - total[..., None])
+                p = s.sub_(total[..., None]).exp_()  # in place: two live [Hkv, G*C, K] tensors (four with softcap)
                 dv[:, a:b] += torch.bmm(p.transpose(1, 2).to(v.dtype), doc).float()
-                ds = p * (torch.bmm(doc, vb.transpose(1, 2)).float() - delta[..., None])
+                ds = p.mul_(torch.bmm(doc, vb.transpose(1, 2)).float().sub_(delta[..., None]))
                 if t is not None:
-                    ds = ds * (1.0 - t * t)
+                    ds.mul_(t.mul_(t).neg_().add_(1.0))
                 ds = ds.mul_(spec.scale).to(q.dtype)
                 term = torch.bmm(ds, kb).float()
                 dqc = term if dqc is None else dqc.add_(term)

@@ -80,6 +80,20 @@ def test_shapes_and_parameter_counts(tmp_path):
     assert shape.parameters() == sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
     with pytest.raises(ValueError, match="neither a built-in shape"):
         model_shape(str(tmp_path / "missing"))
+    # explicit head sizes (Gemma 3, GPT-OSS: heads x head_dim != hidden) and a mixture of experts (all experts count)
+    for name, config in (("head_dim", transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96,
+                                                               num_hidden_layers=2, num_attention_heads=4,
+                                                               num_key_value_heads=2, head_dim=24)),
+                         ("moe", transformers.MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=40,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2, num_local_experts=5,
+                                                            num_experts_per_tok=2))):
+        config.save_pretrained(str(tmp_path / name))
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        assert model_shape(str(tmp_path / name)).parameters() == sum(p.numel() for p in model.parameters()), name
+    # built-in shapes of this round: the published sizes
+    for name, billions in (("qwen2.5-7b", 7.62), ("qwen3-8b", 8.19), ("gemma-3-12b", 11.77), ("gpt-oss-20b", 20.91)):
+        assert abs(BUILTIN[name].parameters() / 1e9 - billions) < 0.01, name
     with pytest.raises(ValueError, match="loss must be one of"):
         estimate(shape, Setting(loss="magic"))
 

@@ -147,6 +147,8 @@ RECIPES = {  # recipe: (beta, gamma, window, rope_theta, max_position_embeddings
     "llama2-7b-chat-4k": (3.0, 0.6, 32768, 5e5, 32768, 2, "cosine", 1000),
     "mistral-7b-instruct-v0.2": (2.5, 0.25, 32768, None, None, 3, "warmup_constant", 1200),
     "llama3.1-8b-instruct-128k-sp": (10.0, 3.0, None, None, None, 3, "warmup_constant", 1200),
+    "qwen2.5-7b-instruct-32k": (10.0, 3.0, 32768, None, None, 3, "warmup_constant", 1200),
+    "qwen3-8b-32k": (10.0, 3.0, 32768, None, None, 3, "warmup_constant", 1200),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

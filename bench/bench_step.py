@@ -25,16 +25,27 @@ METHODS = ["authors", "ours"]
 BETA, GAMMA, SFT_WEIGHT = 10.0, 3.0, 0.1
 
 
-def tiny_llama(vocab: int, dim: int, layers: int, max_positions: int, intermediate: int = None):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# --family: the attention a step runs (the decoder's sizes stay the bench's): Gemma 2's softcap 50 with alternating
+# 4096-token sliding layers, Mistral's 4096-token window — both shorter than the long contexts measured
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=4096, attn_logit_softcapping=50.0,
+                                                                 final_logit_softcapping=30.0, head_dim=64,
+                                                                 query_pre_attn_scalar=64)),
+            "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4096))}
 
+
+def tiny_llama(vocab: int, dim: int, layers: int, max_positions: int, intermediate: int = None,
+               family: str = "llama"):
+    import torch
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=intermediate or 4 * dim,
-                         num_hidden_layers=layers, num_attention_heads=max(1, dim // 64),
-                         num_key_value_heads=max(1, dim // 256), max_position_embeddings=max_positions,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).train()
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab, hidden_size=dim, intermediate_size=intermediate or 4 * dim, num_hidden_layers=layers,
+        num_attention_heads=max(1, dim // 64), num_key_value_heads=max(1, dim // 256),
+        max_position_embeddings=max_positions, tie_word_embeddings=False, **extra)
+    return getattr(transformers, model_name)(config).train()
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -42,7 +53,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 def build_step(method: str, context: int, response: int, negatives: int, vocab: int, dim: int, layers: int,
                seed: int = 0, device: str = "cpu", dtype: str = "fp32", checkpointing: bool = False,
-               intermediate: int = None):
+               intermediate: int = None, family: str = "llama"):
     """fwd + bwd of one example's LOGO step with ``method``; returns a callable."""
     import torch
     import torch.nn.functional as F
@@ -50,13 +61,13 @@ def build_step(method: str, context: int, response: int, negatives: int, vocab: 
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (context,), generator=g).to(device)
     answers = [torch.randint(0, vocab, (response,), generator=g).to(device) for _ in range(negatives + 1)]
-    model = tiny_llama(vocab, dim, layers, context + (negatives + 1) * response + 16, intermediate)
+    model = tiny_llama(vocab, dim, layers, context + (negatives + 1) * response + 16, intermediate, family)
     model = model.to(device=device, dtype=getattr(torch, DTYPES[dtype]))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if method == "authors":
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation("sdpa" if family == "llama" else "eager")  # sdpa refuses softcap
         input_ids = torch.stack([torch.cat([prompt, a]) for a in answers])  # [M+1, C+R]
         labels = input_ids.clone()
         labels[:, :context] = -100
@@ -97,7 +108,8 @@ def measure(case: dict) -> dict:
     device = case.get("device", "cpu")
     step = build_step(case["method"], case["context"], case["response"], case["negatives"], case["vocab"],
                       case["dim"], case["layers"], device=device, dtype=case.get("dtype", "fp32"),
-                      checkpointing=case.get("checkpointing", False), intermediate=case.get("intermediate"))
+                      checkpointing=case.get("checkpointing", False), intermediate=case.get("intermediate"),
+                      family=case.get("family", "llama"))
     timer = harness.time_runs_cuda if device == "cuda" else harness.time_runs
     return timer(step, repeats=case["repeats"], warmup=1)
 
@@ -123,6 +135,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x dim)")
+    parser.add_argument("--family", default="llama", choices=sorted(FAMILIES),
+                        help="the decoder's attention: llama (full), gemma2 (softcap + sliding), mistral-sliding")
     parser.add_argument("--quick", action="store_true", help="C in {1024, 8192}, M = 2, V = 32000")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -147,7 +161,8 @@ def main(argv=None) -> None:
                     case = dict(method=method, context=context, negatives=negatives, vocab=vocab,
                                 response=args.response, dim=args.dim, layers=args.layers, threads=args.threads,
                                 repeats=args.repeats, device=args.device, dtype=args.dtype,
-                                checkpointing=args.checkpointing, intermediate=args.intermediate)
+                                checkpointing=args.checkpointing, intermediate=args.intermediate,
+                                family=args.family)
                     reason = skip_reason(method, context, args.response, negatives, vocab, args.device, args.dtype)
                     if reason:
                         case["skip"] = reason

@@ -152,10 +152,12 @@ def main(argv=None) -> int:
         loss = ["--tokens", "64", "--vocabs", "300", "--dim", "16", "--negatives", "1", "--heads", "trainable"]
         step = ["--contexts", "32", "--negatives", "2", "--vocabs", "300", "--response", "8", "--dim", "64",
                 "--layers", "1"]
+        attention = ["--prefixes", "64", "--response", "8", "--heads", "2", "--kv-heads", "1", "--head-dim", "8"]
     else:
         op, loss, step = ["--gpu"], ["--gpu", "--heads", "trainable", "frozen"], ["--gpu"]
+        attention = ["--gpu"]  # exact vs FlexAttention at 32K / 64K prefixes, 3 x 512-token responses (~1 min)
     benches = [("linear_logprobs", "bench_linear_logprobs.py", op), ("loss", "bench_loss.py", loss),
-               ("step", "bench_step.py", step)]
+               ("step", "bench_step.py", step), ("attention", "bench_attention.py", attention)]
     env = dict(os.environ, TRITON_INTERPRET="1") if args.cpu_smoke else None  # the kernels' interpreter variant
     for name, script, extra in benches:
         run([py, os.path.join(HERE, script), *extra, *run_args, "--out", os.path.join(args.out, name)], log, env=env)
@@ -177,6 +179,10 @@ def main(argv=None) -> int:
                 "## One LOGO step (1B-scale Llama, 32K context, M = 2)", "",
                 table(read_rows(os.path.join(args.out, "step.csv")),
                       ["method", "context", "median_s", "peak_extra_mib", "time_vs_authors", "memory_vs_authors",
+                       "error"]),
+                "## Shared-prefix attention of one layer (32 / 8 heads of 128, 3 x 512-token responses)", "",
+                table(read_rows(os.path.join(args.out, "attention.csv")),
+                      ["method", "prefix", "median_s", "peak_extra_mib", "time_vs_exact", "memory_vs_exact",
                        "error"])]
     with open(os.path.join(args.out, "summary.md"), "w") as handle:
         handle.write("\n".join(summary))

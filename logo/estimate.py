@@ -182,7 +182,7 @@ class Setting:
     fragmentation: float = 0.05
     workspace_gib: float = 0.25      # fused loss tile workspace bound
     sequence_parallel: int = 1       # sequence-parallel group size (DeepSpeed Ulysses)
-    attention_chunk_elements: int = 1 << 24  # scores per query chunk of the exact attention (logo.attention)
+    attention_chunk_elements: int = 1 << 22  # scores per query chunk of the exact attention (logo.attention)
 
     def validate(self) -> "Setting":
         """Every field by class: choices, integers >= 1 (negatives, GPUs, ... ) or >= 0, finite non-negative

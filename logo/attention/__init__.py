@@ -47,7 +47,7 @@ class Settings:
     """Process-wide choices of the attention (set by :func:`enable_shared_prefix_attention`)."""
 
     backend: str = os.environ.get("LOGO_ATTENTION_BACKEND", "exact")
-    chunk_elements: int = int(os.environ.get("LOGO_ATTENTION_CHUNK_ELEMENTS", 1 << 24))
+    chunk_elements: int = int(os.environ.get("LOGO_ATTENTION_CHUNK_ELEMENTS", 1 << 22))
     head_slice: Optional[tuple] = None  # (rank, size) under Ulysses sequence parallelism
 
 

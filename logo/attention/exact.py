@@ -179,7 +179,7 @@ class _SegmentAttention(torch.autograd.Function):
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[Segment], *,
                       scale: float, softcap: Optional[float] = None, window: Optional[int] = None,
                       sinks: Optional[torch.Tensor] = None, key_valid: Optional[torch.Tensor] = None,
-                      chunk_elements: int = 1 << 24) -> torch.Tensor:
+                      chunk_elements: int = 1 << 22) -> torch.Tensor:
     """Attention of one row (module doc). q [Hq, Lq, d], k / v [Hkv, Lk, d] (Hq a multiple of Hkv: query head h
     uses key/value head h // (Hq / Hkv)), sinks [Hq] or None, key_valid [Lk] bool or None. Returns the rows
     [first segment start, last segment stop) of the output, [Hq, span, d] in q's dtype (0 for rows of the span

@@ -9,7 +9,7 @@ sinks, one extra logit per head; softcap maps scores ``s -> cap * tanh(s / cap)`
 Memory: queries go in chunks sized so that one chunk's scores hold about ``chunk_elements`` values; key/value
 blocks are read in place (views of the row), query heads are grouped over their key/value head (a
 ``[Hkv, G * C, d]`` chunk against ``[Hkv, K, d]`` keys), never expanded; the forward saves only the output and
-one log-sum-exp per query and head, and the backward recomputes each chunk's scores (flash-attention style).
+the softmax's max and log-normaliser per query and head, and the backward recomputes each chunk's scores (flash-attention style).
 Matmuls run in the inputs' dtype, softmax and accumulation in fp32 (as transformers' eager attention).
 """
 from __future__ import annotations
@@ -117,29 +117,35 @@ class _SegmentAttention(torch.autograd.Function):
         kv_heads = k.shape[0]
         groups = heads // kv_heads
         out = q.new_zeros(q.shape[0], spec.length, d)
-        lse = q.new_zeros((q.shape[0], spec.length), dtype=torch.float32)
+        # the softmax's max and log-normaliser, kept apart: p = exp((s - max) - log l) keeps the precision of a
+        # softmax when the scores are large (exp(s - lse) would lose lse's rounding, ~1e-6 relative at lse ~ 30)
+        peak = q.new_zeros((q.shape[0], spec.length), dtype=torch.float32)
+        log_norm = torch.zeros_like(peak)
         for c0, c1, blocks in _chunks(spec, heads, q.device):
-            rows = c1 - c0
+            rows, o0, o1 = c1 - c0, c0 - spec.first, c1 - spec.first
             qc = q[:, c0:c1].reshape(kv_heads, groups * rows, d)
             scores = [_scores(qc, k[:, a:b], mask, spec, groups)[0] for a, b, mask in blocks]
-            parts = [torch.logsumexp(s, -1) for s in scores]
-            if sinks is not None:
-                parts.append(_sink_logits(sinks, kv_heads, groups, rows))
-            total = torch.logsumexp(torch.stack(parts), 0) if len(parts) > 1 else parts[0]
-            total = total.masked_fill(total == NEG_INF, 0.0)  # a query that sees nothing (padding) outputs 0
+            sink = None if sinks is None else _sink_logits(sinks, kv_heads, groups, rows)
+            m = torch.stack([s.amax(-1) for s in scores] + ([] if sink is None else [sink])).amax(0)
+            m = m.masked_fill(m == NEG_INF, 0.0)  # a query that sees nothing (padding) outputs 0
+            norm = torch.zeros_like(m) if sink is None else torch.exp(sink - m)
             acc = None
-            for s, (a, b, _) in zip(scores, blocks):  # the scores become probabilities in place
-                term = torch.bmm(s.sub_(total[..., None]).exp_().to(v.dtype), v[:, a:b]).float()
+            for s, (a, b, _) in zip(scores, blocks):  # the scores become exp(s - max) in place
+                e = s.sub_(m[..., None]).exp_()
+                norm += e.sum(-1)
+                term = torch.bmm(e.to(v.dtype), v[:, a:b]).float()
                 acc = term if acc is None else acc.add_(term)
-            out[:, c0 - spec.first:c1 - spec.first] = acc.view(heads, rows, d).to(out.dtype)
-            lse[:, c0 - spec.first:c1 - spec.first] = total.view(heads, rows)
-        ctx.save_for_backward(q, k, v, sinks, out, lse)
+            norm = norm.masked_fill(norm == 0, 1.0)
+            out[:, o0:o1] = acc.div_(norm[..., None]).view(heads, rows, d).to(out.dtype)
+            peak[:, o0:o1] = m.view(heads, rows)
+            log_norm[:, o0:o1] = norm.log().view(heads, rows)
+        ctx.save_for_backward(q, k, v, sinks, out, peak, log_norm)
         ctx.spec = spec
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, sinks, out, lse = ctx.saved_tensors
+        q, k, v, sinks, out, peak, log_norm = ctx.saved_tensors
         spec: Spec = ctx.spec
         heads, _, d = q.shape
         kv_heads = k.shape[0]
@@ -154,12 +160,13 @@ class _SegmentAttention(torch.autograd.Function):
             o0, o1 = c0 - spec.first, c1 - spec.first
             doc = grad_out[:, o0:o1].reshape(kv_heads, groups * rows, d).to(v.dtype)
             delta = (doc.float() * out[:, o0:o1].reshape(kv_heads, groups * rows, d).float()).sum(-1)
-            total = lse[:, o0:o1].reshape(kv_heads, groups * rows)
+            m = peak[:, o0:o1].reshape(kv_heads, groups * rows)[..., None]
+            log_l = log_norm[:, o0:o1].reshape(kv_heads, groups * rows)[..., None]
             dqc = None
             for a, b, mask in blocks:
                 kb, vb = k[:, a:b], v[:, a:b]
                 s, t = _scores(qc, kb, mask, spec, groups)
-                p = s.sub_(total[..., None]).exp_()  # in place: two live [Hkv, G*C, K] tensors (four with softcap)
+                p = s.sub_(m).sub_(log_l).exp_()  # in place: two live [Hkv, G*C, K] tensors (four with softcap)
                 dv[:, a:b] += torch.bmm(p.transpose(1, 2).to(v.dtype), doc).float()
                 ds = p.mul_(torch.bmm(doc, vb.transpose(1, 2)).float().sub_(delta[..., None]))
                 if t is not None:
@@ -171,7 +178,7 @@ class _SegmentAttention(torch.autograd.Function):
             if dqc is not None:
                 dq[:, c0:c1] = dqc.view(heads, rows, d).to(dq.dtype)
             if dsinks is not None:
-                p_sink = torch.exp(_sink_logits(sinks, kv_heads, groups, rows) - total)
+                p_sink = torch.exp(_sink_logits(sinks, kv_heads, groups, rows) - m[..., 0] - log_l[..., 0])
                 dsinks -= (p_sink * delta).view(heads, rows).sum(-1)
         return (dq, dk.to(k.dtype), dv.to(v.dtype), None if dsinks is None else dsinks.to(sinks.dtype), None)
 

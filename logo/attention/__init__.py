@@ -9,7 +9,8 @@ key/value heads (:mod:`logo.attention.features` reads them, or refuses what it c
 Paths (``backend``):
 
 * ``exact`` (the default everywhere): the prefix of a plain layer (no softcap, no sinks, no window shorter
-  than the row) is one ``scaled_dot_product_attention`` call with ``enable_gqa`` (flash on CPU and CUDA); the
+  than the row) is one ``scaled_dot_product_attention`` call with ``enable_gqa`` (flash on CPU and CUDA), and on
+  CPU its responses are two flash calls each, merged exactly (:mod:`logo.attention.merged`); otherwise the
   responses — and the whole row of any other layer — run :func:`logo.attention.exact.segment_attention`:
   queries in chunks of bounded scores, the prefix keys read in place (no per-response copy, no key/value head
   expanded to the query heads), recomputed in the backward.
@@ -35,6 +36,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from logo_kernels.integrations.hf import unwrap_causal_lm
 
+from . import merged
 from .exact import KeyBlock, Segment, segment_attention
 from .features import AttentionFeatures, family, read_features
 
@@ -100,8 +102,12 @@ def packed_attention(query, key, value, layouts, features: AttentionFeatures, mo
         window = features.effective_window(p + max(lengths))
         q, k, v = query[r], key[r], value[r]
         if features.plain and window is None:  # the prefix in one flash call; responses see it in place
-            parts = [_sdpa_causal(q[None, :, :p], k[None, :, :p], v[None, :, :p], features.scale)[0],
-                     _exact(q, k, v, _row_segments(p, lengths, False), features, None)]
+            head = _sdpa_causal(q[None, :, :p], k[None, :, :p], v[None, :, :p], features.scale)[0]
+            if merged.supported(q):
+                tail = merged.responses_over_prefix(q[None], k[None], v[None], p, lengths, features.scale)[0]
+            else:
+                tail = _exact(q, k, v, _row_segments(p, lengths, False), features, None)
+            parts = [head, tail]
         else:
             parts = [_exact(q, k, v, _row_segments(p, lengths, True), features, window)]
         padding = length - p - sum(lengths)

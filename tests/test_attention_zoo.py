@@ -15,6 +15,7 @@ from logo.data import synthesize_positions
 from logo.data.packing import pack_rows
 from logo.memory_trace import LiveTensorBytes
 from model_zoo import VOCAB, WINDOW, ZOO, build
+from packed_reference import assert_packed_equals_separate, packed_logps
 
 
 def examples(seed=0, batch=2, negatives=2):
@@ -31,33 +32,6 @@ def examples(seed=0, batch=2, negatives=2):
     return prefixes, responses, positions
 
 
-def separate_logps(model, prefixes, responses, positions):
-    model.set_attn_implementation("eager")
-    out = []
-    for prefix, answers, pos in zip(prefixes, responses, positions):
-        for answer in answers:
-            ids = torch.cat([prefix, answer])[None]
-            position_ids = torch.cat([pos, pos[-1] + 1 + torch.arange(answer.numel())])[None]
-            logits = model(input_ids=ids, position_ids=position_ids, attention_mask=torch.ones_like(ids)).logits[0]
-            predictors = logits[prefix.numel() - 1: prefix.numel() - 1 + answer.numel()]
-            out.append(torch.log_softmax(predictors, -1).gather(1, answer[:, None]).squeeze(1))
-    return torch.cat(out)
-
-
-def packed_logps(model, batch):
-    enable_shared_prefix_attention(model)
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                   shared_prefix_layouts=batch.layouts).logits
-    scored = logits.reshape(-1, logits.shape[-1])[batch.score_index]
-    return torch.log_softmax(scored, -1).gather(1, batch.targets[:, None]).squeeze(1)
-
-
-def grads_of(model, objective):
-    model.zero_grad(set_to_none=True)
-    objective.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.fixture
 def chunked(request):
     """Runs the test with the attention's query chunks at the given score budget, restored afterwards."""
@@ -70,18 +44,7 @@ def chunked(request):
 @pytest.mark.parametrize("chunked", [1 << 24, 40], indirect=True, ids=["one-chunk", "tiny-chunks"])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_packed_rows_equal_separate_sequences_under_the_models_own_attention(name, chunked):
-    model = build(name)
-    prefixes, responses, positions = examples()
-    batch = pack_rows(prefixes, responses, prefix_positions=positions)
-    weights = torch.randn(batch.targets.numel(), generator=torch.Generator().manual_seed(1))
-    ref = separate_logps(model, prefixes, responses, positions)
-    ref_grads = grads_of(model, (ref * weights).sum())
-    ours = packed_logps(model, batch)
-    our_grads = grads_of(model, (ours * weights).sum())
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    assert our_grads.keys() == ref_grads.keys()
-    for key in ref_grads:
-        torch.testing.assert_close(our_grads[key], ref_grads[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert_packed_equals_separate(build(name), *examples())
 
 
 @pytest.mark.parametrize("name", ["mistral-sliding", "gemma2", "gemma3", "gpt-oss"])
@@ -297,3 +260,31 @@ def test_segments_of_a_row_by_hand():
         Segment(0, 3, 0, (KeyBlock(0, 3, 0),)),
         Segment(3, 5, 3, (KeyBlock(0, 3, 0), KeyBlock(3, 5, 3))),
         Segment(5, 6, 3, (KeyBlock(0, 3, 0), KeyBlock(5, 6, 3)))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_flash_merge_of_responses_is_exact(dtype):
+    """Plain layers on CPU: each response = flash over the prefix + flash over itself, merged by log-sum-exp, and
+    flash's backward per key block with the merged output (logo.attention.merged) — against fp64, forward and
+    gradients, GQA; bf16 within the same-dtype materialised computation's error + a small tolerance."""
+    from logo.attention.merged import responses_over_prefix
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv, d, prefix, lengths = 6, 2, 16, 37, (5, 11, 3)
+    length = prefix + sum(lengths)
+    q, k, v = (torch.randn(1, h, length, d, generator=g).to(dtype).requires_grad_() for h in (heads, kv, kv))
+    upstream = torch.randn(heads, sum(lengths), d, generator=g)
+    segments = attention._row_segments(prefix, lengths, False)
+    ours = responses_over_prefix(q, k, v, prefix, lengths, 0.3)[0]
+    our_grads = torch.autograd.grad((ours.float() * upstream).sum(), [q, k, v])
+    errors = {}
+    for name, ref_dtype in (("fp64", torch.float64), ("naive", dtype)):
+        ref = dense_reference(q[0], k[0], v[0], segments, 0.3, None, None, None, ref_dtype)[:, prefix:]
+        grads = torch.autograd.grad((ref.double() * upstream.double()).sum(), [q, k, v])
+        errors[name] = (ref, grads)
+    ref, ref_grads = errors["fp64"]
+    naive, naive_grads = errors["naive"]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (ours.double() - ref).abs().max() <= (naive.double() - ref).abs().max() + tol
+    for mine, exact, materialised in zip(our_grads, ref_grads, naive_grads):
+        assert (mine.double() - exact.double()).abs().max() <= (materialised.double() - exact.double()).abs().max() + tol

@@ -158,23 +158,13 @@ def test_shared_prefix_attention_on_cuda_equals_separate_sequences(name, backend
     """The packed = separate matrix on CUDA for both attention paths (flex: its gradients, which CPU cannot run;
     sinks take the exact path). fp32, 1e-5 — the gate before flex may become the CUDA default."""
     from logo.attention import enable_shared_prefix_attention
-    from logo.data.packing import pack_rows
     from model_zoo import build
-    from test_attention_zoo import examples, grads_of, packed_logps, separate_logps
+    from packed_reference import assert_packed_equals_separate
+    from test_attention_zoo import examples
 
     model = build(name).to(CUDA)
-    prefixes, responses, positions = examples()
-    batch = pack_rows(prefixes, responses, prefix_positions=positions).to(CUDA)
-    weights = torch.randn(batch.targets.numel(), device=CUDA)
-    ref = separate_logps(model, [p.to(CUDA) for p in prefixes], [[a.to(CUDA) for a in r] for r in responses],
-                         [p.to(CUDA) for p in positions])
-    ref_grads = grads_of(model, (ref * weights).sum())
     enable_shared_prefix_attention(model, backend=backend)
     try:
-        ours = packed_logps(model, batch)
-        our_grads = grads_of(model, (ours * weights).sum())
+        assert_packed_equals_separate(model, *examples(), device=CUDA)
     finally:
         enable_shared_prefix_attention(model, backend="exact")
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    for key in ref_grads:
-        torch.testing.assert_close(our_grads[key], ref_grads[key], rtol=1e-5, atol=1e-5, msg=key)

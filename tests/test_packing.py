@@ -9,6 +9,7 @@ from logo.data.packing import RowLayout, pack_rows
 transformers = pytest.importorskip("transformers")
 from logo.attention import enable_shared_prefix_attention  # noqa: E402
 from logo.objective import packed_logo_loss  # noqa: E402
+from packed_reference import assert_packed_equals_separate, separate_logps  # noqa: E402
 
 VOCAB = 89
 
@@ -68,49 +69,8 @@ def examples(seed=0, batch=2, negatives=2):
     return prefixes, responses, positions
 
 
-def separate_token_logps(model, prefixes, responses, positions):
-    """Reference: each [prefix | response] run alone with standard attention; log-probs of its tokens."""
-    model.set_attn_implementation("sdpa")
-    out = []
-    for prefix, answers, pos in zip(prefixes, responses, positions):
-        for answer in answers:
-            ids = torch.cat([prefix, answer])[None]
-            position_ids = torch.cat([pos, pos[-1] + 1 + torch.arange(answer.numel())])[None]
-            logits = model(input_ids=ids, position_ids=position_ids).logits[0]
-            predictors = logits[prefix.numel() - 1: prefix.numel() - 1 + answer.numel()]
-            out.append(torch.log_softmax(predictors, -1).gather(1, answer[:, None]).squeeze(1))
-    return torch.cat(out)
-
-
-def packed_token_logps(model, batch):
-    enable_shared_prefix_attention(model)
-    hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                         shared_prefix_layouts=batch.layouts).last_hidden_state
-    scored = hidden.reshape(-1, hidden.shape[-1])[batch.score_index]
-    return torch.log_softmax(model.lm_head(scored), -1).gather(1, batch.targets[:, None]).squeeze(1)
-
-
-def grads_of(model, objective):
-    model.zero_grad(set_to_none=True)
-    objective.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def test_packed_rows_equal_separate_sequences_logps_and_all_gradients():
-    model = tiny_llama()
-    prefixes, responses, positions = examples()
-    batch = pack_rows(prefixes, responses, prefix_positions=positions)
-    weights = torch.randn(batch.targets.numel(), generator=torch.Generator().manual_seed(1))
-
-    ref = separate_token_logps(model, prefixes, responses, positions)
-    ref_grads = grads_of(model, (ref * weights).sum())
-    ours = packed_token_logps(model, batch)
-    our_grads = grads_of(model, (ours * weights).sum())
-
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    assert our_grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert_packed_equals_separate(tiny_llama(), *examples())
 
 
 def test_packed_logo_loss_equals_the_loss_of_separate_sequences():
@@ -118,7 +78,7 @@ def test_packed_logo_loss_equals_the_loss_of_separate_sequences():
     prefixes, responses, positions = examples(seed=2)
     batch = pack_rows(prefixes, responses, prefix_positions=positions)
     loss_fn = lk.LogoLoss(num_negatives=2, beta=10.0, gamma=3.0, sft_weight=0.1)
-    ref_logps = separate_token_logps(model, prefixes, responses, positions)
+    ref_logps = separate_logps(model, prefixes, responses, positions)
     means = torch.stack([ref_logps[a:b].mean() for a, b in zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:])])
     means = means.view(-1, 3)
     z = 10.0 * (means[:, 0] - means[:, 1:].mean(1)) - 3.0

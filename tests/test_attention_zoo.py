@@ -148,7 +148,7 @@ def test_half_precision_error_is_that_of_the_same_dtype_eager_attention(dtype):
     assert (ours.double() - ref).abs().max() <= naive_error + 1e-3
 
 
-@pytest.mark.parametrize("chunked", [1 << 16], indirect=True)
+@pytest.mark.parametrize("chunked", [1 << 17], indirect=True)
 def test_attention_memory_is_the_prefix_keys_in_key_value_heads_plus_one_chunk(chunked):
     """Traced fwd + bwd of one layer's attention at a long prefix: besides its outputs and gradients, the transient
     bytes are the prefix keys and values in key/value heads (their fp32 gradient accumulators) plus a few score

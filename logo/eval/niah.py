@@ -131,7 +131,10 @@ def build_case(tokenizer, haystack: List[int], length: int, depth: float, mode: 
                for v in values]
     filler_length = length - sum(len(n) for n in needles)
     if filler_length < 1:
-        raise ValueError(f"a context of {length} tokens cannot hold {len(needles)} needles")
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--lengths {length}: a context of {length} tokens cannot hold {len(needles)} needles "
+                          f"({sum(len(n) for n in needles)} tokens); give longer --lengths or fewer --values")
     offset = rng.randrange(len(haystack))
     filler = [haystack[(offset + i) % len(haystack)] for i in range(filler_length)]
     first = round(depth * filler_length)

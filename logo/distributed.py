@@ -46,10 +46,30 @@ class World:
     def mean(self, *values: float):
         """Means over ranks of the given floats, in one all-reduce (identity when single-process)."""
         if self.distributed:
-            t = torch.tensor(values, dtype=torch.float64)
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces CUDA tensors only
             torch.distributed.all_reduce(t)
             values = tuple((t / self.size).tolist())
         return values[0] if len(values) == 1 else values
+
+    def all_true(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (one all-reduce; also a barrier)."""
+        if not self.distributed:
+            return bool(ok)
+        t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return int(t) == 0
+
+    def any_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank (one all-reduce)."""
+        return not self.all_true(not flag)
+
+    def from_main(self, value):
+        """The main rank's ``value`` on every rank (a picklable object; identity when single-process)."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self, clean: bool = True) -> None:
         """Ends the process group; after a failure without the final barrier (the other ranks may be gone)."""

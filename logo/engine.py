@@ -65,7 +65,7 @@ class PlainEngine:
 
     def save(self, root: str, step: int, keep: int) -> str:
         return save_checkpoint(root, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                               keep=keep, is_main=self.world.is_main, barrier=self.world.barrier)
+                               keep=keep, is_main=self.world.is_main, agree=self.world.all_true)
 
     def load(self, path: str) -> int:
         return load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
@@ -105,7 +105,7 @@ class DeepSpeedEngine:
 
     def save(self, root: str, step: int, keep: int) -> str:
         return save_checkpoint(root, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                               engine=self.engine, keep=keep, is_main=self.world.is_main, barrier=self.world.barrier)
+                               engine=self.engine, keep=keep, is_main=self.world.is_main, agree=self.world.all_true)
 
     def load(self, path: str) -> int:
         return load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,

@@ -2,7 +2,8 @@
 
 After a resume from step k, TensorBoard drops the events past k that a killed invocation wrote
 (``purge_step``); :meth:`logo.run_dir.RunDirectory.truncate_metrics` does the same for metrics.jsonl, so every
-step is logged once.
+step is logged once. A failed write raises :class:`~logo.errors.StorageError` naming the file (a torn last line is
+dropped on resume).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import json
 import os
 import sys
 from typing import Optional
+
+from .errors import StorageError, writing
 
 
 class MetricsLog:
@@ -28,15 +31,26 @@ class MetricsLog:
     def write(self, step: int, kind: str, metrics: dict) -> None:
         if not self.enabled or not metrics:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+            handle.flush()
         if self.writer is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{kind}/{name}", value, step)
-            self.writer.flush()
+            with self._tensorboard():
+                for name, value in metrics.items():
+                    if isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"{kind}/{name}", value, step)
+                self.writer.flush()
 
-    def close(self) -> None:
+    def _tensorboard(self):
+        return writing(self.writer.log_dir if self.writer is not None else self.path)
+
+    def close(self, quietly: bool = False) -> None:
+        """Flushes and closes TensorBoard; ``quietly`` (on the way out of a failure) ignores a failed flush."""
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            try:
+                with writing(writer.log_dir):
+                    writer.close()
+            except StorageError:
+                if not quietly:
+                    raise

@@ -119,20 +119,32 @@ def trainable_parameter_list(model):
 
 def export_final(module, tokenizer, path: str, world) -> None:
     """The trained model (or LoRA adapter) and tokenizer in Hugging Face format, written atomically (``path.tmp``
-    then renamed); ZeRO-3 partitions are gathered first."""
+    then renamed); ZeRO-3 partitions are gathered first. A failed write removes ``path.tmp``, leaves an earlier
+    ``path`` as it was, and raises :class:`~logo.errors.StorageError` on every rank."""
     import shutil
 
     from logo_kernels._zero3 import gathered
 
+    from .errors import StorageError, as_storage_error
+    from .files import remove_quietly
+
     params = [p for p in module.parameters() if p.requires_grad] if hasattr(module, "peft_config") else \
         list(module.parameters())
     tmp = f"{path}.tmp"
+    failure = None
     with gathered(*params):
         if world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-            module.save_pretrained(tmp, state_dict=state)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    world.barrier()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+                module.save_pretrained(tmp, state_dict=state)
+                tokenizer.save_pretrained(tmp)
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(tmp, path)
+            except Exception as error:
+                failure = as_storage_error(error, tmp)
+                if failure is None:
+                    raise
+                remove_quietly(tmp)
+    if not world.all_true(failure is None):
+        raise failure or StorageError(tmp, "the main rank could not write the exported model")

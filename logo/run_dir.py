@@ -5,13 +5,18 @@
 * ``--resume`` compares the saved ``config.json`` with the new configuration and refuses every difference
   that changes what the run computes (model, data, optimiser, batch, seed, M, beta, gamma, lambda, ...), listing
   them; run length, logging, evaluation and checkpoint cadence may change (``TrainConfig`` field metadata).
+* One writer: the main rank holds an OS lock on the directory (:mod:`logo.run_lock`) from before the checks until
+  the run ends; another ``logo.train`` into it — new, ``--resume`` or ``--overwrite`` — is refused naming the holder.
+* ``config.json`` holds content fingerprints (:mod:`logo.fingerprint`) of the training and evaluation files, the
+  model directory's config and weights, and the tokenizer; ``--resume`` refuses any that changed under the same
+  path, listing them (an evaluation file given under a new path is a declared change and is not compared).
 * Stale temporary files of killed writes (``.tmp-*`` checkpoints, ``*.tmp-<pid>`` files, ``final.tmp``) are
   removed before the run starts.
 * After a resume from step k, ``metrics.jsonl`` keeps the rows of steps <= k only (rows a killed invocation
   wrote past its last checkpoint are dropped), so every step is logged once; TensorBoard purges its events past
   k likewise (``purge_step``).
 
-Every rank runs the same read-only checks (so all raise together); only the main rank writes.
+The main rank locks, checks and writes; every other rank raises the error the main rank met, so all stop together.
 """
 from __future__ import annotations
 
@@ -20,12 +25,30 @@ import os
 import shutil
 from typing import Optional
 
-from .config import TrainConfig, resume_differences, save_config
-from .errors import RunDirectoryError
-from .files import write_text_atomically
+from . import fingerprint
+from .config import TrainConfig, resume_differences
+from .errors import RunDirectoryError, StorageError, writing
+from .files import write_json_atomically, write_text_atomically
+from .run_lock import RunLock
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+LOCK = ".lock"
+FINGERPRINTS = "fingerprints"
+
+
+def run_fingerprints(config: TrainConfig) -> dict:
+    """Fingerprints of the files the run reads (module doc); the embedded default's data and model come from
+    the configuration itself and have none."""
+    out = {}
+    for name in ("train_file", "eval_file"):
+        if getattr(config, name):
+            out[name] = fingerprint.file_fingerprint(getattr(config, name))
+    if config.model:
+        out["model"] = fingerprint.model_fingerprint(config.model)
+    if config.tokenizer or config.model:
+        out["tokenizer"] = fingerprint.tokenizer_fingerprint(config.tokenizer or config.model)
+    return out
 
 
 def _stale_temporaries(root: str):
@@ -44,18 +67,23 @@ class RunDirectory:
         self.config, self.world = config, world
         self.path = config.output_dir
         self.checkpoints = os.path.join(self.path, "checkpoints")
+        self.lock = RunLock(self.path, f"output_dir {self.path}")
+        self.fingerprints = None
+
+    def contents(self):
+        return sorted(n for n in os.listdir(self.path) if n != LOCK) if os.path.isdir(self.path) else []
 
     def holds_a_run(self) -> bool:
-        return os.path.isdir(self.path) and bool(os.listdir(self.path))
+        return bool(self.contents())
 
     def check(self) -> None:
-        """The rules of the module doc, read-only (every rank)."""
+        """The rules of the module doc, read-only (under the lock)."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise RunDirectoryError(f"output_dir {self.path} exists and is not a directory")
         if not self.holds_a_run() or self.config.overwrite:
             return
         if not self.config.resume:
-            shown = ", ".join(sorted(os.listdir(self.path))[:6])
+            shown = ", ".join(self.contents()[:6])
             raise RunDirectoryError(f"output_dir {self.path} already holds a run ({shown}): pass --resume to continue "
                                     "it, --overwrite to delete it and start over, or another --output-dir")
         saved = self.saved_config()
@@ -66,6 +94,24 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"--resume: the configuration differs from the run in {self.path} in what it computes "
                 f"(only run length, logging, evaluation and checkpointing may change):\n" + "\n".join(differences))
+        self.check_fingerprints(saved)
+
+    def check_fingerprints(self, saved: dict) -> None:
+        """--resume: the files the run reads hold what they held when it started (module doc)."""
+        old = dict(saved.get(FINGERPRINTS) or {})
+        if saved.get("eval_file") != self.config.eval_file:
+            old.pop("eval_file", None)
+        changed = fingerprint.differences(old, self.current_fingerprints())
+        if changed:
+            raise RunDirectoryError(
+                f"--resume: what the run in {self.path} reads changed under the same paths (content fingerprints in "
+                f"{CONFIG}); resuming would train on other data or another model. Restore them, or start a new run "
+                "in another --output-dir:\n" + "\n".join(changed))
+
+    def current_fingerprints(self) -> dict:
+        if self.fingerprints is None:
+            self.fingerprints = run_fingerprints(self.config)
+        return self.fingerprints
 
     def saved_config(self) -> Optional[dict]:
         path = os.path.join(self.path, CONFIG)
@@ -79,19 +125,40 @@ class RunDirectory:
                                     "over") from None
 
     def prepare(self) -> None:
-        """check(), then (main rank) delete for --overwrite, clean stale temporaries, write config.json."""
-        self.check()
-        self.world.barrier()
+        """Main rank: lock, check(), delete for --overwrite, clean stale temporaries, write config.json (with the
+        fingerprints); the other ranks raise what it raised."""
+        problem = None
         if self.world.is_main:
+            try:
+                self._prepare_main()
+            except RunDirectoryError as error:
+                problem = ("run", str(error))
+            except StorageError as error:
+                problem = ("storage", error.path, error.reason, error.intact)
+        problem = self.world.from_main(problem)
+        if problem is not None:
+            raise RunDirectoryError(problem[1]) if problem[0] == "run" else StorageError(*problem[1:])
+
+    def _prepare_main(self) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RunDirectoryError(f"output_dir {self.path} exists and is not a directory")
+        with writing(self.path):
+            os.makedirs(self.path, exist_ok=True)
+        self.lock.acquire()
+        self.check()
+        with writing(self.path):
             if self.config.overwrite and self.holds_a_run():
-                for name in os.listdir(self.path):
+                for name in self.contents():
                     target = os.path.join(self.path, name)
                     shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
-            os.makedirs(self.path, exist_ok=True)
             for stale in list(_stale_temporaries(self.path)):
                 shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
-            save_config(self.config, os.path.join(self.path, CONFIG))
-        self.world.barrier()
+            write_json_atomically(os.path.join(self.path, CONFIG),
+                                  {**self.config.to_dict(), FINGERPRINTS: self.current_fingerprints()})
+
+    def close(self) -> None:
+        """Releases the lock (the end of the run)."""
+        self.lock.release()
 
     def truncate_metrics(self, last_step: int) -> None:
         """Keeps the metrics rows of steps <= last_step (and drops a torn last line); atomic."""
@@ -107,4 +174,5 @@ class RunDirectory:
                     continue
                 if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        write_text_atomically(path, "".join(kept))
+        with writing(path):
+            write_text_atomically(path, "".join(kept))

@@ -8,8 +8,11 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_rows`` packed rows per process; every row is
 one example ``[context | question | chosen | rejected_1..M]`` (the context encoded once), with position
 ids synthesized over the target window. The loss is the fused LOGO loss on the scored hidden states only.
-A user error (bad option, missing file, a run directory that would be overwritten) exits with code 2 and one
-line; a diverging run (non-finite loss or gradient) with code 3, keeping its last checkpoint.
+A user error (bad option, missing file, a run directory that would be overwritten or is in use) exits with code 2
+and one line; a diverging run (non-finite loss or gradient) with code 3, keeping its last checkpoint; an output the
+OS refuses to write (no space left, permission denied) with code 4, naming the path and the last complete
+checkpoint; SIGTERM / SIGINT finish the current step, write a checkpoint and exit with code 75 (resume with
+``--resume``; a second signal exits at once).
 """
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ from .checkpoint import latest_checkpoint
 from .config import TrainConfig, parse_config
 from .distributed import World, init_world
 from .engine import NonFiniteGradient, make_engine
-from .errors import run_cli
+from .errors import StorageError, UserError, run_cli, writing
 from .evaluate import EVAL_SEED, preference_metrics, retrieval_exact_match
 from .files import write_atomically, write_json_atomically
 from .metrics_log import MetricsLog
 from .modeling import export_final, load_model, load_tokenizer
 from .objective import packed_logo_loss
+from .preemption import PREEMPTED_EXIT, StopRequest
 from . import sequence_parallel
 from .run_dir import RunDirectory
 from .train_data import encode, load_records, micro_batch, synthesis_of
@@ -81,20 +85,29 @@ def niah_evaluation(model, tokenizer, config: TrainConfig, world: World, run_dir
     result = niah.run(model, tokenizer, options, progress=False)
     model.train(was_training)
     if world.is_main and run_dir is not None:
-        os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
-        figure = niah.heatmap(result["cells"], title=tag)
-        write_atomically(os.path.join(run_dir, "eval", f"niah-{tag}.png"),
-                         lambda path: figure.savefig(path, dpi=110, bbox_inches="tight", format="png"))
-        import csv
-
-        def write_csv(path):
-            with open(path, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(result["cells"][0]))
-                writer.writeheader()
-                writer.writerows(result["cells"])
-        write_atomically(os.path.join(run_dir, "eval", f"niah-{tag}.csv"), write_csv)
+        with writing(os.path.join(run_dir, "eval")):
+            write_niah_files(result, os.path.join(run_dir, "eval"), tag)
     return {f"{c['mode']}_{c['length']}": {"recall": c["recall"], "exact_match": c["exact_match"]}
             for c in result["cells"] if c["depth"] == "all"}
+
+
+def write_niah_files(result: dict, directory: str, tag: str) -> None:
+    """The NIAH heatmap and cells of one evaluation, each written atomically."""
+    import csv
+
+    from .eval import niah
+
+    os.makedirs(directory, exist_ok=True)
+    figure = niah.heatmap(result["cells"], title=tag)
+    write_atomically(os.path.join(directory, f"niah-{tag}.png"),
+                     lambda path: figure.savefig(path, dpi=110, bbox_inches="tight", format="png"))
+
+    def write_csv(path):
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result["cells"][0]))
+            writer.writeheader()
+            writer.writerows(result["cells"])
+    write_atomically(os.path.join(directory, f"niah-{tag}.csv"), write_csv)
 
 
 def describe(metrics: dict) -> str:
@@ -146,17 +159,20 @@ def train(config: TrainConfig) -> dict:
     """Runs the training described by ``config``; returns {"before": eval, "after": eval, "steps": n}."""
     config.check_paths()
     world = init_world(config)
-    log, failed = None, True
+    log, failed, run = None, True, None
+    stop = StopRequest().install()
     try:
-        # setup: run directory, data, model, engine, resume point
+        # setup: run directory (locked), data, model, engine, resume point
         run = RunDirectory(config, world)
         run.prepare()
         if config.embedded and world.is_main:
             print("logo.train: embedded default run (tiny Llama from config, offline tokenizer, synthetic key-value "
                   "retrieval over shipped text); pass --model PATH for a real model", file=sys.stderr)
         torch.manual_seed(config.seed)  # LoRA initialisation draws from it
-        tokenizer = load_tokenizer(config, save_dir=os.path.join(run.path, "tokenizer") if world.is_main else None)
-        train_records, heldout_records = load_records(config, run.path, world)
+        with writing(os.path.join(run.path, "tokenizer")):
+            tokenizer = load_tokenizer(config, save_dir=os.path.join(run.path, "tokenizer") if world.is_main else None)
+        with writing(os.path.join(run.path, "data")):
+            train_records, heldout_records = load_records(config, run.path, world)
         examples, heldout = encode(train_records, tokenizer, config), encode(heldout_records, tokenizer, config)
         model = load_model(config, tokenizer)
         sp = sequence_parallel.setup(model, config.sequence_parallel_size, config.batch_rows, world)
@@ -166,7 +182,8 @@ def train(config: TrainConfig) -> dict:
         loss_fn = make_loss(config)
         start = resume(config, run, engine, world)
         run.truncate_metrics(start)
-        log = MetricsLog(run.path, world.is_main, purge_step=start + 1 if start else None)
+        with writing(os.path.join(run.path, "tensorboard")):
+            log = MetricsLog(run.path, world.is_main, purge_step=start + 1 if start else None)
         if start == 0 and (config.warmup_copy_steps or config.warmup_sft_steps):
             warm_up_base_model(engine, examples, config, tokenizer, log, world)
         if world.is_main:
@@ -184,7 +201,11 @@ def train(config: TrainConfig) -> dict:
         end = config.max_steps if config.stop_after is None else min(config.max_steps, start + config.stop_after)
         bar = progress_bar(config, world, start)
         engine.model.train()
+        stopped = False
         for step in range(start, end):
+            if world.any_true(stop.signal is not None):  # every rank stops before the same step
+                end, stopped = step, True
+                break
             metrics = train_step(step, engine, examples, loss_fn, config, world, tokenizer.pad_token_id,
                                  run.checkpoints, sp)
             if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
@@ -203,13 +224,36 @@ def train(config: TrainConfig) -> dict:
 
         # finish: checkpoint, (at max_steps) export, evaluation, results.json
         results["steps"] = end - start
+        if stopped:
+            results["stopped_by"] = stop.name or "a signal on another rank"
         finish(results, start, end, engine, tokenizer, heldout, loss_fn, config, world, run, log)
-        failed = False
-        return results
-    finally:
         if log is not None:
             log.close()
+        failed = False
+        return results
+    except StorageError as error:
+        error.with_intact(_intact(run))
+        if run is not None and os.path.isdir(run.checkpoints):
+            error.with_hint(f"continue with --resume --output-dir {run.path} once the cause is fixed")
+        raise error from None
+    finally:
+        stop.restore()
+        if log is not None:
+            log.close(quietly=True)
+        if run is not None:
+            run.close()
         world.close(clean=not failed)
+
+
+def _intact(run: Optional[RunDirectory]) -> str:
+    if run is None or not os.path.isdir(run.checkpoints):
+        return "no checkpoint was written yet"
+    try:
+        path = latest_checkpoint(run.checkpoints)
+    except UserError:
+        path = None
+    return "no checkpoint was written yet" if path is None else \
+        f"the last complete checkpoint is {os.path.basename(path)}"
 
 
 def warm_up_base_model(engine, examples, config: TrainConfig, tokenizer, log: MetricsLog, world: World) -> None:
@@ -229,8 +273,11 @@ def finish(results: dict, start: int, end: int, engine, tokenizer, heldout, loss
         engine.save(run.checkpoints, end, config.keep_checkpoints)
     if end < config.max_steps:
         if world.is_main:
-            print(f"logo.train: stopped after step {end} of {config.max_steps} (--stop-after); continue with "
-                  f"--resume --output-dir {run.path}")
+            why = results.get("stopped_by", "--stop-after")
+            saved = f"checkpoint step-{end} written" if end > start else "no new step to checkpoint"
+            print(f"logo.train: stopped after step {end} of {config.max_steps} ({why}; {saved}); continue with "
+                  f"--resume --output-dir {run.path}", file=sys.stderr if "stopped_by" in results else sys.stdout,
+                  flush=True)
         return
     export_final(engine.module, tokenizer, os.path.join(run.path, "final"), world)
     if heldout or config.eval_niah_lengths:
@@ -238,7 +285,8 @@ def finish(results: dict, start: int, end: int, engine, tokenizer, heldout, loss
         log.write(config.max_steps, "eval", results["after"])
         report(results, world)
     if world.is_main:
-        write_json_atomically(os.path.join(run.path, "results.json"), results)
+        with writing(os.path.join(run.path, "results.json")):
+            write_json_atomically(os.path.join(run.path, "results.json"), results)
         print(f"logo.train: run directory {run.path} (config.json, metrics.jsonl, tensorboard/, checkpoints/, "
               "final/)")
 
@@ -295,11 +343,11 @@ def niah_table(before: dict, after: dict, longest_training_context: int = None) 
 def _main(argv: List[str]) -> int:
     config, _ = parse_config(argv)
     try:
-        train(config)
+        results = train(config)
     except TrainingDiverged as error:
         print(f"logo.train: {error}", file=sys.stderr)
         return 3
-    return 0
+    return PREEMPTED_EXIT if "stopped_by" in results else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -29,6 +29,14 @@ Finished records are appended to ``<out>.partial`` (flushed and fsynced per batc
 point — before its first batch, or in the middle of a line — resumes where it stopped (ids already built are
 skipped, a torn last line is cut); the final file is validated and renamed into place. A run in which every
 record is skipped or dropped writes nothing and says why. Bad input lines are reported as ``file:line: field``.
+
+One build per ``--out``: the command holds an OS lock (``.<out>.lock`` beside it, :mod:`logo.run_lock`) while it
+runs, and a second build into the same ``--out`` is refused naming the holder. ``<out>.build.json`` records a
+hash of every input record (``--input`` and ``--general-docs``), the content fingerprints of the model and its
+tokenizer (:mod:`logo.fingerprint`) and the options. Resuming (a ``.partial`` or an ``--out`` already there) is
+refused, listing what changed, when a record already built changed or left the input, the model or tokenizer
+changed, or an option did (``--batch-size`` may change); new input records are simply built. A failed write (no space left, ...) exits with code 4 naming the path and how many
+records are safe in the ``.partial``.
 """
 from __future__ import annotations
 
@@ -39,7 +47,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, InputFileError, read_json_lines, run_cli
+from ..errors import ConfigError, InputFileError, RunDirectoryError, read_json_lines, run_cli, writing
+from ..files import write_json_atomically
 from .importance import SCORERS, Scorer, make_scorer
 from .records import PreferenceRecord, read_preference_file
 
@@ -262,9 +271,11 @@ def generate_questions(docs: Sequence[RawRecord], tokenizer, generate, options: 
 
 def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int]]], List[str]], out_path: str,
           options: BuildOptions, progress: bool = True, scorer: Optional[Scorer] = None,
-          general: Sequence[RawRecord] = ()) -> Dict[str, int]:
+          general: Sequence[RawRecord] = (), provenance: Optional[dict] = None) -> Dict[str, int]:
     """Builds preference records for ``raw`` (and the ``general`` documents) into ``out_path`` (module doc);
-    returns the counts. ``generate`` is any callable: token-id prompts -> texts (HF generate, vLLM, a server)."""
+    returns the counts. ``generate`` is any callable: token-id prompts -> texts (HF generate, vLLM, a server).
+    ``provenance`` (fingerprints of the model and tokenizer) and the records' hashes are checked against
+    ``<out>.build.json`` when resuming, then written there."""
     from tqdm.auto import tqdm
 
     from .encoding import encode_prompt
@@ -280,8 +291,14 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             done[str(record.id)] = record
     for record in read_partial(partial):
         done[str(record.id)] = record
-    if done and not os.path.exists(partial):
-        write_preference_file(list(done.values()), partial)
+    manifest = {"options": {k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS},
+                "fingerprints": provenance or {},
+                "records": {str(r.id): _record_hash(r) for r in list(raw) + list(general)}}
+    check_manifest(out_path, manifest, built=set(done))
+    with writing(partial, intact=f"{out_path} and its .partial are as they were"):
+        write_json_atomically(out_path + MANIFEST_SUFFIX, manifest)
+        if done and not os.path.exists(partial):
+            write_preference_file(list(done.values()), partial)
     counts = {"input": len(raw), "general_input": len(general), "already_built": 0, "built": 0,
               "skipped_no_critical": 0, "skipped_no_irrelevant": 0, "skipped_no_question": 0,
               "dropped_degenerate": 0, "scorer": scorer.name, "delta": delta}
@@ -293,7 +310,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
         asked = generate_questions(general_todo, tokenizer, generate, options, counts)
         bar.update(len(general_todo) - len(asked))
         todo += asked
-    with open(partial, "a", encoding="utf-8") as sink:
+    with writing(partial, intact=_safe_in(partial)), open(partial, "a", encoding="utf-8") as sink:
         for start in range(0, len(todo), options.batch_size):
             plans, prompts = [], []
             for record in todo[start:start + options.batch_size]:
@@ -328,10 +345,65 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
         counts["written"] = 0
         return counts
     records = read_preference_file(partial, num_negatives=2)  # validated before it becomes the output
-    write_preference_file(records, out_path)
-    os.remove(partial)
+    with writing(out_path, intact=_safe_in(partial)):
+        write_preference_file(records, out_path)
+        os.remove(partial)
     counts["written"] = len(records)
     return counts
+
+
+MANIFEST_SUFFIX = ".build.json"
+RESUME_FREE_OPTIONS = ("batch_size",)
+
+
+def _record_hash(record: "RawRecord") -> str:
+    import hashlib
+
+    text = json.dumps([record.id, record.context, record.question, record.answer, record.kind], ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def check_manifest(out_path: str, manifest: dict, built: set) -> None:
+    """Resuming a build (``built``: the ids already built) whose records, model or options changed is refused,
+    listing the changes (module doc)."""
+    from ..fingerprint import differences
+
+    path = out_path + MANIFEST_SUFFIX
+    if not built or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        raise RunDirectoryError(f"{path}: unreadable; remove it and {out_path}(.partial) to build afresh") from None
+    changed = differences(saved.get("fingerprints", {}), manifest["fingerprints"])
+    changed += [f"--{k.replace('_', '-')}: {v!r} -> {manifest['options'].get(k)!r}"
+                for k, v in saved.get("options", {}).items() if manifest["options"].get(k) != v]
+    old, new = saved.get("records", {}), manifest["records"]
+    gone = sorted(i for i in built if i in old and i not in new)
+    edited = sorted(i for i in built if i in old and i in new and old[i] != new[i])
+    if edited:
+        changed.append(f"input record(s) changed since they were built: {', '.join(edited[:8])}"
+                       + (f" and {len(edited) - 8} more" if len(edited) > 8 else ""))
+    if gone:
+        changed.append(f"record(s) built but no longer in the input: {', '.join(gone[:8])}"
+                       + (f" and {len(gone) - 8} more" if len(gone) > 8 else ""))
+    if changed:
+        raise RunDirectoryError(f"--out {out_path}: the build there came from other inputs or options; resuming "
+                                "would mix two builds. Use another --out (or remove the old output):\n"
+                                + "\n".join(changed))
+
+
+def _safe_in(partial: str) -> Callable[[], str]:
+    """What a failed write leaves intact, counted when it fails."""
+    def intact() -> str:
+        try:
+            with open(partial, "rb") as handle:
+                count = sum(1 for line in handle if line.endswith(b"\n") and line.strip())
+        except OSError:
+            count = 0
+        return f"{count} record(s) built so far are safe in {partial}; rerun the same command to resume"
+    return intact
 
 
 def read_partial(path: str) -> List[PreferenceRecord]:
@@ -395,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_fingerprints(model: str) -> dict:
+    """The policy model and tokenizer a build generates with (:mod:`logo.fingerprint`)."""
+    from ..fingerprint import model_fingerprint, tokenizer_fingerprint
+
+    return {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model)}
+
+
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     if not args.input and not args.general_docs:
@@ -407,6 +486,11 @@ def _main(argv: List[str]) -> int:
     if not os.path.isdir(args.model):
         raise ConfigError(f"--model: {args.model} is not an existing directory (a local Hugging Face model "
                           "directory; nothing is downloaded)")
+    from ..run_lock import RunLock
+
+    lock = RunLock(args.out, f"--out {args.out}", inside=False)
+    with writing(os.path.dirname(os.path.abspath(args.out))):
+        lock.acquire()  # held until the process ends
     raw = read_raw_file(args.input) if args.input else []
     general = read_general_docs(args.general_docs) if args.general_docs else []
     clash = {r.id for r in raw} & {d.id for d in general}
@@ -425,7 +509,8 @@ def _main(argv: List[str]) -> int:
         model.cuda()
     torch.manual_seed(options.seed)
     counts = build(raw, tokenizer, hf_generator(model, tokenizer, options), args.out, options,
-                   progress=not args.no_progress, scorer=scorer, general=general)
+                   progress=not args.no_progress, scorer=scorer, general=general,
+                   provenance=build_fingerprints(args.model))
     print(json.dumps(counts))
     if counts["written"] == 0:
         print(f"logo.data: nothing built, nothing written: {counts['skipped_no_critical']} record(s) without a "

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ..errors import run_cli
+from ..errors import StorageError, run_cli
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +128,9 @@ def _main(argv: List[str]) -> int:
         out.json("results.json", {"model": loaded.source, "evaluation": args.evaluation,
                                   **{k: v for k, v in result.items() if k != "rows"}})
         out.commit()
+    except StorageError as error:
+        out.abandon()
+        raise error.with_intact(f"nothing was written to --out {args.out} (an earlier one is as it was)") from None
     except BaseException:
         out.abandon()
         raise

@@ -1,9 +1,10 @@
 """Content fingerprints of what a run reads, so ``--resume`` can tell a changed file under an unchanged path.
 
 * Data files (training / evaluation JSONL, builder inputs) and small files (configs, tokenizer files, weight files
-  up to :data:`FULL_HASH_BYTES`): size + BLAKE2b of the whole content. Any edited byte — one reversed preference —
-  changes it. Hashing runs at disk speed (about 1 GB/s here), seconds for multi-GB data.
-* Weight files above :data:`FULL_HASH_BYTES` (the shards of a real model): size + BLAKE2b of a fixed sample — the
+  up to :data:`FULL_HASH_BYTES`): size + SHA-256 of the whole content. Any edited byte — one reversed preference —
+  changes it. SHA-256 (hardware-accelerated on current x86 and ARM CPUs) ran at 1.0 GB/s from the page cache on
+  the 2-core AMD EPYC dev machine: about a second per GB of data.
+* Weight files above :data:`FULL_HASH_BYTES` (the shards of a real model): size + SHA-256 of a fixed sample — the
   first and last MiB (the safetensors header: every tensor's name, dtype, shape and offset) and
   :data:`SAMPLE_BLOCKS` blocks of 64 KiB at evenly spaced offsets, about 18 MiB per shard. Other weights (another
   checkpoint, a further fine-tune, a re-quantisation) change every sampled block; an edit of a few bytes between
@@ -31,10 +32,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def file_fingerprint(path: str, sampled_above: Optional[int] = None) -> Dict[str, object]:
-    """{"size", "blake2b", "scheme"} of one file: the whole content, or (``sampled_above`` bytes and larger) the
+    """{"size", "sha256", "scheme"} of one file: the whole content, or (``sampled_above`` bytes and larger) the
     sample of the module doc."""
     size = os.path.getsize(path)
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         if sampled_above is None or size <= sampled_above:
             scheme = "full"
@@ -47,7 +48,7 @@ def file_fingerprint(path: str, sampled_above: Optional[int] = None) -> Dict[str
                 handle.seek(offset)
                 digest.update(handle.read(_EDGE if offset in (0, max(0, size - _EDGE)) else _BLOCK))
             digest.update(str(size).encode())
-    return {"size": size, "blake2b": digest.hexdigest(), "scheme": scheme}
+    return {"size": size, "sha256": digest.hexdigest(), "scheme": scheme}
 
 
 def directory_fingerprint(path: str, names=(), suffixes=()) -> Dict[str, Dict[str, object]]:
@@ -79,7 +80,7 @@ def differences(saved: Dict[str, object], current: Dict[str, object]) -> List[st
         new = current.get(item)
         if new is None or old == new:
             continue
-        if "blake2b" in old:  # one file
+        if "sha256" in old:  # one file
             lines.append(f"{item}: content changed ({_describe(old, new)})")
             continue
         for name in sorted(set(old) | set(new)):
@@ -94,4 +95,4 @@ def differences(saved: Dict[str, object], current: Dict[str, object]) -> List[st
 
 def _describe(old: dict, new: dict) -> str:
     sizes = f"{old['size']:,} -> {new['size']:,} bytes" if old["size"] != new["size"] else f"{new['size']:,} bytes"
-    return f"{sizes}, blake2b {old['blake2b'][:12]} -> {new['blake2b'][:12]}"
+    return f"{sizes}, sha256 {old['sha256'][:12]} -> {new['sha256'][:12]}"

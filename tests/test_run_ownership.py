@@ -440,3 +440,23 @@ def test_an_eval_output_that_cannot_be_written_leaves_nothing_half_written(tmp_p
     assert err[-1].startswith("logo.eval: error: cannot write ") and "niah.png: No space left on device" in err[-1]
     assert "nothing was written to --out" in err[-1]
     assert not (tmp_path / "eval").exists() and not no_temporaries(tmp_path)
+
+
+def test_fingerprints_catch_an_edited_byte_and_sampled_weights_catch_other_weights(tmp_path):
+    from logo.fingerprint import differences, file_fingerprint
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_bytes(b'{"chosen": "a"}\n' * 100000)
+    before = file_fingerprint(str(data))
+    edited = bytearray(data.read_bytes())
+    edited[len(edited) // 2 + 3] ^= 1  # one bit in the middle of the file
+    data.write_bytes(bytes(edited))
+    after = file_fingerprint(str(data))
+    assert before["scheme"] == "full" and before["size"] == after["size"] and before != after
+    assert differences({"train_file": before}, {"train_file": after})[0].startswith("train_file: content changed")
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(os.urandom(8 << 20))
+    sampled = file_fingerprint(str(shard), sampled_above=1 << 20)
+    assert sampled["scheme"] == "sampled-256"
+    shard.write_bytes(os.urandom(8 << 20))  # other weights, same size
+    assert file_fingerprint(str(shard), sampled_above=1 << 20) != sampled

@@ -136,7 +136,8 @@ def skip_reason(method: str, n: int, vocab: int, device: str = "cpu", dtype: str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ns", type=int, nargs="+", default=FULL_NS)
+    parser.add_argument("--ns", type=int, nargs="+", default=None, help=f"token counts (default {FULL_NS}; with "
+                        "--gpu 4096 16384 65536)")
     parser.add_argument("--vocabs", type=int, nargs="+", default=FULL_VOCABS)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -151,11 +152,12 @@ def main(argv=None) -> None:
                         help="measure nothing: recompute ratios, CSV and plot from PREFIX.csv")
     harness.add_run_arguments(parser, "linear_logprobs")
     args = parser.parse_args(argv)
+    chosen_ns, args.ns = args.ns, args.ns or FULL_NS
     if args.quick:
         args.ns, args.vocabs, args.heads = [1024, 4096], [32000], ["trainable", "frozen"]
     if args.gpu:
         args.device, args.dtype, args.dim, args.vocabs = "cuda", "bf16", 4096, [128256]
-        args.ns, args.methods = [4096, 16384, 65536], GPU_METHODS
+        args.ns, args.methods = chosen_ns or [4096, 16384, 65536], GPU_METHODS
 
     cases = []
     for head in args.heads:

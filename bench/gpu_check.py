@@ -1,5 +1,11 @@
-"""The GPU check (``make gpu-check``): everything a GPU machine can tell us, in one command, inside ~20 minutes on
-one H100.
+"""The GPU check (``make gpu-check``): everything a GPU machine can tell us, in one command, inside 8 minutes on one
+H200 (``--quick`` / ``GPU_CHECK=quick``: the tests and the op benchmark at N = 16K, inside 4 minutes).
+
+GPU time is scarce (15 minutes a task, the machine's start included), so the check runs under a budget
+(``--budget-s``: 450 s, quick 210 s): each stage gets what is left of it, capped at the stage's own limit, and a
+stage that would not fit its minimum is skipped and said so. ``summary.md`` is rewritten after every stage, so a
+run cut short still returns what it measured. Expected durations on one H200 (the stages' caps in brackets):
+tests ~120 s [200 s], op benchmark ~90 s [150 s], loss ~45 s [80 s], step ~45 s [80 s], attention ~40 s [70 s].
 
 1. the environment (GPU, capability, torch, Triton, CUDA) -> ``environment.json``;
 2. the gpu-marked tests (``tests/test_gpu.py``: every backend mode vs float64 at bf16 / fp16 / fp32, N·V > 2^31,
@@ -56,13 +62,24 @@ def environment() -> dict:
 
 
 def run(command, log, env=None, timeout=1800) -> int:
+    """Runs ``command`` (output to the log); returns its exit code, or 124 when it ran past ``timeout``."""
     log.write(f"$ {' '.join(command)}\n")
     log.flush()
     started = time.time()
-    result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-    log.write(f"(exit {result.returncode} after {time.time() - started:.0f} s)\n\n")
+    try:
+        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        code = 124
+    log.write(f"(exit {code} after {time.time() - started:.0f} s)\n\n")
     log.flush()
-    return result.returncode
+    return code
+
+
+# (name, expected seconds on one H200, cap, minimum worth starting)
+STAGES = [("tests", 120, 200, 60), ("linear_logprobs", 90, 150, 40), ("loss", 45, 80, 30), ("step", 45, 80, 30),
+          ("attention", 40, 70, 25)]
+QUICK_STAGES = ("tests", "linear_logprobs")
 
 
 def test_counts(path: str) -> dict:
@@ -125,10 +142,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "gpu"))
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU / interpreter shapes (tests the wiring)")
+    parser.add_argument("--quick", action="store_true", help="the tests and the op benchmark at N = 16K only")
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds for the whole check (450; quick 210)")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    budget = args.budget_s if args.budget_s is not None else (210.0 if args.quick else 450.0)
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     info = environment()
@@ -137,59 +157,86 @@ def main(argv=None) -> int:
     py = sys.executable
     log = open(os.path.join(args.out, "log.txt"), "w")
     run_args = ["--rounds", str(args.rounds), "--repeats", str(args.repeats)]
-
-    tests = {"skipped": "--skip-tests"}
-    if not args.skip_tests:
-        report = os.path.join(args.out, "tests.xml")
-        selection = ["tests/test_gpu.py", "-m", "gpu"] if not args.cpu_smoke else \
-            ["tests/test_gpu.py", "-k", "cpu_suite", "-m", "gpu"]
-        run([py, "-m", "pytest", "-q", *selection, f"--junitxml={report}", "-p", "no:cacheprovider"], log)
-        tests = test_counts(report)
-
     if args.cpu_smoke:
-        op = ["--ns", "32", "--vocabs", "300", "--dim", "16", "--methods", "naive", "ours_torch", "ours_triton",
-              "ours_triton_fast", "cce", "liger", "--device", "cpu"]
-        loss = ["--tokens", "64", "--vocabs", "300", "--dim", "16", "--negatives", "1", "--heads", "trainable"]
-        step = ["--contexts", "32", "--negatives", "2", "--vocabs", "300", "--response", "8", "--dim", "64",
-                "--layers", "1"]
-        attention = ["--prefixes", "64", "--response", "8", "--heads", "2", "--kv-heads", "1", "--head-dim", "8"]
+        extras = {"linear_logprobs": ["--ns", "32", "--vocabs", "300", "--dim", "16", "--methods", "naive",
+                                      "ours_torch", "ours_triton", "ours_triton_fast", "cce", "liger", "--device",
+                                      "cpu"],
+                  "loss": ["--tokens", "64", "--vocabs", "300", "--dim", "16", "--negatives", "1", "--heads",
+                           "trainable"],
+                  "step": ["--contexts", "32", "--negatives", "2", "--vocabs", "300", "--response", "8", "--dim",
+                           "64", "--layers", "1"],
+                  "attention": ["--prefixes", "64", "--response", "8", "--heads", "2", "--kv-heads", "1",
+                                "--head-dim", "8"]}
     else:
-        op, loss, step = ["--gpu"], ["--gpu", "--heads", "trainable", "frozen"], ["--gpu"]
-        attention = ["--gpu"]  # exact vs FlexAttention at 32K / 64K prefixes, 3 x 512-token responses (~1 min)
-    benches = [("linear_logprobs", "bench_linear_logprobs.py", op), ("loss", "bench_loss.py", loss),
-               ("step", "bench_step.py", step), ("attention", "bench_attention.py", attention)]
+        extras = {"linear_logprobs": ["--gpu"] + (["--ns", "16384"] if args.quick else []),
+                  "loss": ["--gpu", "--heads", "trainable", "frozen"], "step": ["--gpu"],
+                  "attention": ["--gpu"]}  # exact vs FlexAttention at 32K / 64K prefixes, 3 x 512-token responses
+    scripts = {"linear_logprobs": "bench_linear_logprobs.py", "loss": "bench_loss.py", "step": "bench_step.py",
+               "attention": "bench_attention.py"}
     env = dict(os.environ, TRITON_INTERPRET="1") if args.cpu_smoke else None  # the kernels' interpreter variant
-    for name, script, extra in benches:
-        run([py, os.path.join(HERE, script), *extra, *run_args, "--out", os.path.join(args.out, name)], log, env=env)
+    stages = [stage for stage in STAGES if not args.quick or stage[0] in QUICK_STAGES]
+    tests, record = {"skipped": "--skip-tests"}, {}
+    for name, expected, cap, minimum in stages:
+        left = budget - (time.time() - started)
+        if name == "tests" and args.skip_tests:
+            record[name] = "skipped (--skip-tests)"
+            continue
+        if left < minimum and not args.cpu_smoke:
+            record[name] = f"skipped: {left:.0f} s of the budget left, the stage needs {minimum} s at least"
+            write_summary(args.out, info, started, tests, record)
+            continue
+        stage_started = time.time()
+        timeout = max(minimum, min(cap, left)) if not args.cpu_smoke else 1800
+        if name == "tests":
+            report = os.path.join(args.out, "tests.xml")
+            selection = ["tests/test_gpu.py", "-m", "gpu"] if not args.cpu_smoke else \
+                ["tests/test_gpu.py", "-k", "cpu_suite", "-m", "gpu"]
+            code = run([py, "-m", "pytest", "-q", *selection, f"--junitxml={report}", "-p", "no:cacheprovider"], log,
+                       timeout=timeout)
+            tests = test_counts(report) if code != 124 else {"error": f"cut at the stage's {timeout:.0f} s"}
+        else:
+            code = run([py, os.path.join(HERE, scripts[name]), *extras[name], *run_args, "--out",
+                        os.path.join(args.out, name)], log, env=env, timeout=timeout)
+        took = time.time() - stage_started
+        record[name] = (f"{took:.0f} s (expected ~{expected} s on one H200)" +
+                        ("" if code == 0 else f", exit {code}" + (" (cut at its time limit)" if code == 124 else "")))
+        write_summary(args.out, info, started, tests, record)
     log.close()
+    print(open(os.path.join(args.out, "summary.md")).read())
+    print(f"wrote {args.out}/ (summary.md, environment.json, tests.xml, *.csv, *.png, log.txt)")
+    failed = isinstance(tests, dict) and (tests.get("failures") or tests.get("errors") or "error" in tests)
+    return 1 if failed else 0
 
-    op_rows = read_rows(os.path.join(args.out, "linear_logprobs.csv"))
+
+def write_summary(out: str, info: dict, started: float, tests: dict, record: dict) -> None:
+    """summary.md from what has run so far (rewritten after every stage, replaced atomically)."""
+    op_rows = read_rows(os.path.join(out, "linear_logprobs.csv"))
     summary = [f"# GPU check — {info.get('device') or 'no CUDA device'}", "",
                f"torch {info['torch']} (CUDA {info['cuda']}), Triton {info.get('triton')}, capability "
-               f"{info.get('capability')}; {time.time() - started:.0f} s in all.", "",
-               f"## gpu-marked tests\n\n{json.dumps(tests)}", "", "## Targets (N = 16K, V = 128256, D = 4096, bf16)", ""]
+               f"{info.get('capability')}; {time.time() - started:.0f} s so far.", "", "## Stages", ""]
+    summary += [f"- {name}: {what}" for name, what in record.items()]
+    summary += ["", f"## gpu-marked tests\n\n{json.dumps(tests)}", "",
+                "## Targets (N = 16K, V = 128256, D = 4096, bf16)", ""]
     for statement, measured, met in targets(op_rows):
         summary.append(f"- {'met' if met else 'NOT met'}: {statement} — {measured}")
     summary += ["", "## Op: fwd + bwd with a per-token gradient", "",
                 table(op_rows, ["method", "n", "median_s", "peak_extra_mib", "time_vs_naive", "memory_vs_naive",
                                 "tflops_6nvd", "error"]),
-                "## LOGO loss", "", table(read_rows(os.path.join(args.out, "loss.csv")),
+                "## LOGO loss", "", table(read_rows(os.path.join(out, "loss.csv")),
                                           ["method", "head", "tokens", "negatives", "median_s", "peak_extra_mib",
                                            "time_vs_naive", "memory_vs_naive", "error"]),
                 "## One LOGO step (1B-scale Llama, 32K context, M = 2)", "",
-                table(read_rows(os.path.join(args.out, "step.csv")),
+                table(read_rows(os.path.join(out, "step.csv")),
                       ["method", "context", "median_s", "peak_extra_mib", "time_vs_authors", "memory_vs_authors",
                        "error"]),
                 "## Shared-prefix attention of one layer (32 / 8 heads of 128, 3 x 512-token responses)", "",
-                table(read_rows(os.path.join(args.out, "attention.csv")),
+                table(read_rows(os.path.join(out, "attention.csv")),
                       ["method", "prefix", "median_s", "peak_extra_mib", "time_vs_exact", "memory_vs_exact",
                        "error"])]
-    with open(os.path.join(args.out, "summary.md"), "w") as handle:
+    tmp = os.path.join(out, "summary.md.tmp")
+    with open(tmp, "w") as handle:
         handle.write("\n".join(summary))
-    print("\n".join(summary))
-    print(f"wrote {args.out}/ (summary.md, environment.json, tests.xml, *.csv, *.png, log.txt)")
-    failed = isinstance(tests, dict) and (tests.get("failures") or tests.get("errors") or "error" in tests)
-    return 1 if failed else 0
+    os.replace(tmp, os.path.join(out, "summary.md"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 # Two commands from a fresh machine: `make train` and `make test`. Each creates .venv when missing,
-# installs torch==2.13.0 first (the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build),
-# then this package with its extras (building the C++ extension), then runs.
+# installs torch first (the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build), then this
+# package with its extras (building the C++ extension), then runs. Every version comes from constraints.txt
+# (pyproject.toml declares ranges; CI pins one tested point inside them).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,15 +10,17 @@ STAMP  := $(VENV)/.logo-installed
 EXTRAS ?= test,bench,train,triton,trl,eval,data
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-slow bench gpu-wheels gpu-check clean
+PIN    := -c constraints.txt
+
+.PHONY: install train test test-slow lint wheel-check ci bench constraints gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0 setuptools wheel ninja
-	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PIP) install -q $(PIN) torch setuptools wheel ninja
+	$(PIP) install -q $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
 	$(PY) -c "import logo_kernels as lk; print('logo_kernels backends:', lk.available_backends())"
 	touch $(STAMP)
 
@@ -29,6 +32,31 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml; and every local link of the README and docs/ resolves.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) tests/check_links.py README.md CHANGELOG.md docs
+
+# The sdist and the wheel as a user gets them, the wheel installed (not editable) into a clean venv beside the
+# pinned torch, and a smoke test run from outside the source tree.
+WHEEL_VENV ?= build/wheel-venv
+wheel-check: $(STAMP)
+	rm -rf dist $(WHEEL_VENV)
+	$(PY) -m build --sdist --no-isolation --outdir dist .
+	$(PIP) wheel -q $(PIN) --no-build-isolation --no-deps -w dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q $(PIN) torch
+	$(WHEEL_VENV)/bin/python -m pip install -q $(PIN) dist/logo_kernels-*.whl
+	cd /tmp && $(abspath $(WHEEL_VENV))/bin/python $(abspath tests/wheel_smoke.py) $(CURDIR)
+
+# What .ci/run runs: the suite, the lint and link check, the installed-wheel smoke test, the slow stage.
+ci: test lint wheel-check test-slow
+
+# Regenerates constraints.txt from the current environment (after changing a version on purpose).
+constraints: $(STAMP)
+	{ head -2 constraints.txt; $(PIP) freeze --exclude-editable | grep -v '@ file' | sed 's/+cpu$$//'; \
+	  } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 bench: $(STAMP)
 	$(PY) bench/bench_linear_logprobs.py --quick
@@ -42,11 +70,13 @@ gpu-wheels:
 
 # On a GPU machine, with its own python3 (CUDA torch, Triton): installs this package (and the peers' wheels when
 # .gpu-wheels is there), runs the gpu-marked tests and the GPU benchmarks -> bench/results/gpu/summary.md.
+# GPU_CHECK=quick: the tests and the op benchmark at N = 16K (<= 4 min); default: everything (<= 8 min).
 GPU_PYTHON ?= python3
+GPU_CHECK ?= full
 gpu-check:
 	-$(GPU_PYTHON) -m pip install -q --no-deps --no-index --find-links .gpu-wheels liger-kernel cut-cross-entropy
 	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(GPU_PYTHON) bench/gpu_check.py --out bench/results/gpu
+	$(GPU_PYTHON) bench/gpu_check.py --out bench/results/gpu $(if $(filter quick,$(GPU_CHECK)),--quick)
 
 clean:
 	rm -rf build *.egg-info logo_kernels/*.so .pytest_cache

@@ -41,6 +41,20 @@ def _extensions():
             except Exception as exc:  # noqa: BLE001 - any build failure must not fail the install
                 print(f"WARNING: logo_kernels._C was not built ({type(exc).__name__}: {exc}); "
                       "logo_kernels will use its torch backend", file=sys.stderr)
+                return
+            self.record_torch_version()
+
+        def record_torch_version(self):
+            """``_C.torch-version`` beside the built library: the torch it was compiled against, which
+            logo_kernels compares with the running torch before it loads the library (C++ ABIs differ
+            between torch releases)."""
+            import torch
+
+            for ext in self.extensions:
+                built = self.get_ext_fullpath(ext.name)
+                if os.path.exists(built):
+                    with open(os.path.join(os.path.dirname(built), "_C.torch-version"), "w") as handle:
+                        handle.write(torch.__version__ + "\n")
 
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 

@@ -5,4 +5,4 @@ data builder and the synthetic tasks), ``logo.attention`` / ``logo.objective`` (
 and the packed LOGO loss), and the training loop ``python -m logo.train``. The fused ops it stands on live
 in ``logo_kernels``.
 """
-__version__ = "0.1.0"
+from logo_kernels._version import __version__ as __version__  # one version for both packages

@@ -12,6 +12,6 @@ from .backends import available_backends
 from .linear_logprobs import TokenStats, linear_logprobs
 from .losses import LogoLoss, LogoLossOutput, PreferenceLossOutput, logo_loss, preference_loss
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["linear_logprobs", "TokenStats", "logo_loss", "LogoLoss", "LogoLossOutput", "preference_loss", "PreferenceLossOutput",
            "available_backends", "__version__"]

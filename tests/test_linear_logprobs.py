@@ -330,6 +330,31 @@ def test_without_the_extension_auto_falls_back_to_torch_with_one_warning():
     assert out.startswith("1 ") and "C++ extension not available, using the slower torch backend" in out
 
 
+def test_an_extension_built_for_another_torch_is_not_loaded_and_auto_falls_back_with_one_warning():
+    import subprocess
+    import sys
+    script = (
+        "import warnings, torch\n"
+        "import logo_kernels as lk\n"
+        "from logo_kernels.backends import cpp\n"
+        "reason = cpp.load_extension(running=torch.__version__, built='2.0.0+cu118')\n"
+        "cpp._LOAD_ERROR = reason  # what the import-time load returns when the versions differ\n"
+        "assert 'cpp' not in lk.available_backends(), lk.available_backends()\n"
+        "h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = lk.linear_logprobs(h, w, t); lk.linear_logprobs(h, w, t)\n"
+        "assert torch.allclose(a, torch.log_softmax(h @ w.T, -1).gather(1, t[:, None])[:, 0], atol=1e-5)\n"
+        "print(len(caught), caught[0].message)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert out.startswith("1 ") and "C++ extension not available, using the slower torch backend" in out
+    assert f"built for torch 2.0.0+cu118 but torch {torch.__version__} is running" in out
+    assert "pip install --no-build-isolation --no-deps --force-reinstall logo-kernels" in out
+    from logo_kernels.backends import cpp
+    assert cpp.load_extension(running="2.13.1", built="2.13.1+cpu") is None  # the same release (another build)
+
+
 def test_cpp_extension_is_built():
     """CI builds the extension; the fallback is only allowed when it was skipped on purpose."""
     if os.environ.get("LOGO_KERNELS_NO_EXT") == "1":

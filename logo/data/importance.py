@@ -96,7 +96,7 @@ def make_scorer(name: str = "auto", nlp=None, spacy_model: str = "en_core_web_sm
                     "chunks by word overlap (--scorer words)")
                 return make_scorer("words")
             raise ConfigError(f"--scorer {name} needs spaCy and the {spacy_model!r} pipeline ({error}); install "
-                              f"them (pip install 'logo[data]'; python -m spacy download {spacy_model}) or use "
+                              f"them (pip install 'logo-kernels[data]'; python -m spacy download {spacy_model}) or use "
                               "--scorer words") from None
     if name in ("auto", "entities"):
         return Scorer("entities", lambda text: entity_terms(nlp(text)), use_answer=False,

@@ -4,7 +4,7 @@ A thin wrapper: the model (HF directory or ``logo.train`` run: LoRA applied, the
 by :func:`logo.eval.loading.load_for_eval`, wrapped in lm-eval's ``HFLM`` and run with ``simple_evaluate`` on
 ``--tasks`` — built-in task names (LongBench, RULER, MMLU, ... where their data is reachable) or task YAMLs found
 under ``--include-path`` (e.g. a YAML whose ``dataset_path: json`` points at a local JSONL file: offline).
-The hub is never contacted (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``). Needs ``pip install 'logo[eval]'``
+The hub is never contacted (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``). Needs ``pip install 'logo-kernels[eval]'``
 (lm-eval pinned).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def task_manager(options: HarnessOptions):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as error:
-        raise ConfigError(f"logo.eval harness needs lm-evaluation-harness: pip install 'logo[eval]' ({error})") from None
+        raise ConfigError(f"logo.eval harness needs lm-evaluation-harness: pip install 'logo-kernels[eval]' ({error})") from None
     manager = TaskManager(include_path=options.include_path, include_defaults=options.include_path is None)
     unknown = [t for t in options.tasks if t not in manager.all_tasks and not os.path.isfile(t)]
     if unknown:

@@ -5,7 +5,9 @@ registered here so torch.compile can trace through the ops without running them.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 from typing import FrozenSet, Optional
 
 import torch
@@ -23,14 +25,49 @@ DEFAULT_BLOCK_VOCAB = 512
 #: the forward), in bytes.
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
-_LOAD_ERROR: Optional[str] = None
-try:
-    from logo_kernels import _C  # noqa: F401  (registers torch.ops.logo_kernels.*)
-except ImportError as exc:  # extension not built: the dispatcher falls back to the torch backend
-    if importlib.util.find_spec("logo_kernels._C") is None:
-        _LOAD_ERROR = "logo_kernels._C was not built at install time (no C++ compiler, or LOGO_KERNELS_NO_EXT=1)"
-    else:
-        _LOAD_ERROR = f"logo_kernels._C failed to load: {type(exc).__name__}: {exc}"
+REBUILD = ("rebuild it against this torch: pip install --no-build-isolation --no-deps --force-reinstall "
+           "logo-kernels (from a checkout: make install)")
+
+
+def built_torch_version(origin: Optional[str]) -> Optional[str]:
+    """The torch ``_C`` was compiled against (``_C.torch-version`` beside it, written by setup.py), or None."""
+    if origin is None:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(origin), "_C.torch-version"), encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _release(version: str) -> str:
+    return version.split("+")[0]
+
+
+_UNSET = object()
+
+
+def load_extension(running: str = torch.__version__, built=_UNSET) -> Optional[str]:
+    """Imports ``logo_kernels._C`` (registering ``torch.ops.logo_kernels.*``) unless it was built for another torch;
+    returns None when loaded, else why not. A library built against another torch release is not even opened
+    (its C++ ABI may not match: an undefined symbol at best, a crash at worst). ``built`` overrides the recorded
+    build version (tests)."""
+    spec = importlib.util.find_spec("logo_kernels._C")
+    if spec is None:
+        return "logo_kernels._C was not built at install time (no C++ compiler, or LOGO_KERNELS_NO_EXT=1)"
+    built = built_torch_version(spec.origin) if built is _UNSET else built
+    if built is not None and _release(built) != _release(running):
+        return f"logo_kernels._C was built for torch {built} but torch {running} is running; {REBUILD}"
+    try:
+        importlib.import_module("logo_kernels._C")
+    except (ImportError, OSError) as exc:
+        against = f"built for torch {built}, " if built else ""
+        return (f"logo_kernels._C failed to load ({against}torch {running} running: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); {REBUILD}")
+    return None
+
+
+_LOAD_ERROR: Optional[str] = load_extension()
 
 
 def is_available() -> bool:

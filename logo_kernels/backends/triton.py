@@ -29,7 +29,7 @@ def interpreting() -> bool:
 
 def unavailable_reason() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'logo[triton]')"
+        return "triton is not installed (pip install 'logo-kernels[triton]')"
     return None
 
 

@@ -67,7 +67,7 @@ def _check_version(allow_untested: bool):
         import trl
         import trl.trainer.utils as trl_utils
     except ImportError as error:
-        raise ImportError("logo_kernels.integrations.trl needs TRL: pip install 'logo[trl]' "
+        raise ImportError("logo_kernels.integrations.trl needs TRL: pip install 'logo-kernels[trl]' "
                           f"(tested: trl=={' / '.join(TESTED_TRL_VERSIONS)})") from error
     problems = []
     if trl.__version__ not in TESTED_TRL_VERSIONS:

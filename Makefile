@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 PIN    := -c constraints.txt
 
-.PHONY: install train test test-slow lint wheel-check ci bench constraints gpu-wheels gpu-check clean
+.PHONY: install train test test-slow test-slow-ci lint wheel-check ci bench constraints gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
 
+# The slow tests CI runs on every landing (inside its 90 minutes): the embedded default's NIAH bar and the
+# N·V > 2^31 case; the thorough hypothesis profile and the all-candidates compile stay in `make test-slow`.
+CI_SLOW := more_than_2_pow_31 or embedded_default
+test-slow-ci: $(STAMP)
+	$(PY) -m pytest -q -m "slow and not gpu" -k "$(CI_SLOW)" --durations=5 $(PYTEST_ARGS)
+
 # ruff, configured in pyproject.toml; and every local link of the README and docs/ resolves.
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -50,8 +56,8 @@ wheel-check: $(STAMP)
 	$(WHEEL_VENV)/bin/python -m pip install -q $(PIN) dist/logo_kernels-*.whl
 	cd /tmp && $(abspath $(WHEEL_VENV))/bin/python $(abspath tests/wheel_smoke.py) $(CURDIR)
 
-# What .ci/run runs: the suite, the lint and link check, the installed-wheel smoke test, the slow stage.
-ci: test lint wheel-check test-slow
+# What .ci/run runs: the suite, the lint and link check, the installed-wheel smoke test, the CI slow stage.
+ci: test lint wheel-check test-slow-ci
 
 # Regenerates constraints.txt from the current environment (after changing a version on purpose).
 constraints: $(STAMP)

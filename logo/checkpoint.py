@@ -103,12 +103,13 @@ def _save_weights(weights: Dict[str, torch.Tensor], path: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _last_complete(root: str) -> str:
+def last_complete(root: str) -> str:
+    """What a failure leaves intact, in words: the newest complete checkpoint under ``root``, or that there is none."""
     try:
-        path = latest_checkpoint(root)
+        path = latest_checkpoint(root) if os.path.isdir(root) else None
     except RunDirectoryError:
         path = None
-    return f"the last complete checkpoint is {os.path.basename(path)}" if path else "no checkpoint is complete yet"
+    return f"the last complete checkpoint is {os.path.basename(path)}" if path else "no checkpoint was written yet"
 
 
 def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, engine=None, keep: int = 2,
@@ -159,7 +160,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, engine
     if is_main:
         remove_quietly(tmp)
     failure = failure or StorageError(tmp, "another rank could not write its part of the checkpoint")
-    raise failure.with_intact(_last_complete(root))
+    raise failure.with_intact(last_complete(root))
 
 
 def _free_space(path: str) -> str:

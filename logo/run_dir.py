@@ -77,9 +77,7 @@ class RunDirectory:
         return bool(self.contents())
 
     def check(self) -> None:
-        """The rules of the module doc, read-only (under the lock)."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RunDirectoryError(f"output_dir {self.path} exists and is not a directory")
+        """The rules of the module doc, read-only (under the lock, on a directory that exists)."""
         if not self.holds_a_run() or self.config.overwrite:
             return
         if not self.config.resume:

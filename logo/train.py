@@ -27,11 +27,11 @@ import torch
 from logo_kernels import LogoLoss
 from logo_kernels.integrations.hf import unwrap_causal_lm
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import last_complete, latest_checkpoint
 from .config import TrainConfig, parse_config
 from .distributed import World, init_world
 from .engine import NonFiniteGradient, make_engine
-from .errors import StorageError, UserError, run_cli, writing
+from .errors import StorageError, run_cli, writing
 from .evaluate import EVAL_SEED, preference_metrics, retrieval_exact_match
 from .files import write_atomically, write_json_atomically
 from .metrics_log import MetricsLog
@@ -246,14 +246,7 @@ def train(config: TrainConfig) -> dict:
 
 
 def _intact(run: Optional[RunDirectory]) -> str:
-    if run is None or not os.path.isdir(run.checkpoints):
-        return "no checkpoint was written yet"
-    try:
-        path = latest_checkpoint(run.checkpoints)
-    except UserError:
-        path = None
-    return "no checkpoint was written yet" if path is None else \
-        f"the last complete checkpoint is {os.path.basename(path)}"
+    return "no checkpoint was written yet" if run is None else last_complete(run.checkpoints)
 
 
 def warm_up_base_model(engine, examples, config: TrainConfig, tokenizer, log: MetricsLog, world: World) -> None:

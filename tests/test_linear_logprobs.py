@@ -312,33 +312,14 @@ def test_torch_compile_sees_the_op(backend):
     torch.testing.assert_close(compiled(hidden, weight, targets, b), eager)
 
 
-def test_without_the_extension_auto_falls_back_to_torch_with_one_warning():
+def _fallback_run(setup: str) -> str:
+    """Runs ``setup`` (which makes the C++ extension unavailable) in a fresh process, then two calls of the op on
+    ``auto``; checks the result against log_softmax and returns "<number of warnings> <first warning>"."""
     import subprocess
     import sys
     script = (
-        "import sys, warnings, torch\n"
-        "sys.modules['logo_kernels._C'] = None  # as if it had not been built\n"
+        "import sys, warnings, torch\n" + setup +
         "import logo_kernels as lk\n"
-        "assert 'cpp' not in lk.available_backends(), lk.available_backends()\n"
-        "h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    lk.linear_logprobs(h, w, t); lk.linear_logprobs(h, w, t)\n"
-        "print(len(caught), caught[0].message)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
-    assert out.startswith("1 ") and "C++ extension not available, using the slower torch backend" in out
-
-
-def test_an_extension_built_for_another_torch_is_not_loaded_and_auto_falls_back_with_one_warning():
-    import subprocess
-    import sys
-    script = (
-        "import warnings, torch\n"
-        "import logo_kernels as lk\n"
-        "from logo_kernels.backends import cpp\n"
-        "reason = cpp.load_extension(running=torch.__version__, built='2.0.0+cu118')\n"
-        "cpp._LOAD_ERROR = reason  # what the import-time load returns when the versions differ\n"
         "assert 'cpp' not in lk.available_backends(), lk.available_backends()\n"
         "h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
@@ -347,7 +328,19 @@ def test_an_extension_built_for_another_torch_is_not_loaded_and_auto_falls_back_
         "assert torch.allclose(a, torch.log_softmax(h @ w.T, -1).gather(1, t[:, None])[:, 0], atol=1e-5)\n"
         "print(len(caught), caught[0].message)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+
+
+def test_without_the_extension_auto_falls_back_to_torch_with_one_warning():
+    out = _fallback_run("sys.modules['logo_kernels._C'] = None  # as if it had not been built\n")
+    assert out.startswith("1 ") and "C++ extension not available, using the slower torch backend" in out
+
+
+def test_an_extension_built_for_another_torch_is_not_loaded_and_auto_falls_back_with_one_warning():
+    out = _fallback_run(
+        "from logo_kernels.backends import cpp\n"
+        "cpp._LOAD_ERROR = cpp.load_extension(running=torch.__version__, built='2.0.0+cu118')  # the import-time "
+        "load's answer when the versions differ\n")
     assert out.startswith("1 ") and "C++ extension not available, using the slower torch backend" in out
     assert f"built for torch 2.0.0+cu118 but torch {torch.__version__} is running" in out
     assert "pip install --no-build-isolation --no-deps --force-reinstall logo-kernels" in out

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 import logo.train as train_module  # noqa: E402
 from logo.checkpoint import latest_checkpoint  # noqa: E402
+from logo.run_lock import holder_pid  # noqa: E402
 from tests.test_run_safety import TINY, rows  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,14 +51,6 @@ def train_rows(run_dir):
         return []
 
 
-def lock_holder(path):
-    try:
-        with open(path) as handle:
-            return json.loads(handle.read() or "{}").get("pid")
-    except (OSError, ValueError):
-        return None
-
-
 def no_temporaries(root):
     return [os.path.join(b, n) for b, ds, fs in os.walk(root) for n in ds + fs if ".tmp" in n]
 
@@ -66,7 +59,7 @@ def test_a_second_writer_is_refused_and_a_killed_holder_never_blocks(tmp_path, c
     run = tmp_path / "run"
     holder = start(run, "--max-steps", "100000", "--save-every", "0")
     try:
-        wait_for(lambda: lock_holder(run / ".lock") == holder.pid and train_rows(run), what="the run to train")
+        wait_for(lambda: holder_pid(str(run)) == holder.pid and train_rows(run), what="the run to train")
         for flags in ([], ["--resume"], ["--overwrite"]):  # in this process: flock refuses a second open file too
             capsys.readouterr()
             assert cli(run, "--max-steps", "3", *flags) == 2

@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 PIN    := -c constraints.txt
 
-.PHONY: install train test test-slow test-slow-ci lint wheel-check ci bench constraints gpu-wheels gpu-check clean
+.PHONY: install train test test-slow test-slow-ci lint wheel-check ci bench constraints gpu-wheels gpu-check clean \
+        verl-env test-verl verl-constraints bench-verl
 
 install: $(STAMP)
 
@@ -56,8 +57,38 @@ wheel-check: $(STAMP)
 	$(WHEEL_VENV)/bin/python -m pip install -q $(PIN) dist/logo_kernels-*.whl
 	cd /tmp && $(abspath $(WHEEL_VENV))/bin/python $(abspath tests/wheel_smoke.py) $(CURDIR)
 
-# What .ci/run runs: the suite, the lint and link check, the installed-wheel smoke test, the CI slow stage.
-ci: test lint wheel-check test-slow-ci
+# verl (0.9.1) pins transformers<5.11, below what the main environment needs (>=5.17): it gets its own venv, pinned by
+# constraints-verl.txt, that sees this checkout (and the C++ extension `make install` built in it, for the same
+# torch) through a .pth file. `make test-verl` runs tests/with_verl/ there: the real verl, op, model and engine level.
+VERL_VENV  ?= .venv-verl
+VERL_PY    := $(VERL_VENV)/bin/python
+VERL_STAMP := $(VERL_VENV)/.verl-installed
+VERL_PIN   := -c constraints-verl.txt
+
+verl-env: $(VERL_STAMP)
+
+$(VERL_STAMP): constraints-verl.txt $(STAMP)
+	test -x $(VERL_PY) || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install -q --upgrade pip
+	$(VERL_PY) -m pip install -q $(VERL_PIN) torch
+	$(VERL_PY) -m pip install -q $(VERL_PIN) verl tqdm pytest hypothesis psutil matplotlib liger-kernel triton
+	echo "$(CURDIR)" > "$$($(VERL_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/logo-kernels-checkout.pth"
+	$(VERL_PY) -c "import verl, logo_kernels as lk; print('verl', verl.__version__, '| logo_kernels backends:', lk.available_backends())"
+	touch $@
+
+test-verl: $(VERL_STAMP)
+	$(VERL_PY) -m pytest -q tests/with_verl $(PYTEST_ARGS)
+
+bench-verl: $(VERL_STAMP)
+	$(VERL_PY) bench/bench_verl.py $(ARGS)
+
+verl-constraints: $(VERL_STAMP)
+	{ head -2 constraints-verl.txt; $(VERL_PY) -m pip freeze --exclude-editable | grep -v '@ file' | sed 's/+cpu$$//'; \
+	  } > constraints-verl.txt.tmp && mv constraints-verl.txt.tmp constraints-verl.txt
+
+# What .ci/run runs: the suite, the lint and link check, the installed-wheel smoke test, verl's tests in its own
+# environment, the CI slow stage.
+ci: test lint wheel-check test-verl test-slow-ci
 
 # Regenerates constraints.txt from the current environment (after changing a version on purpose).
 constraints: $(STAMP)
@@ -85,4 +116,4 @@ gpu-check:
 	$(GPU_PYTHON) bench/gpu_check.py --out bench/results/gpu $(if $(filter quick,$(GPU_CHECK)),--quick)
 
 clean:
-	rm -rf build *.egg-info logo_kernels/*.so .pytest_cache
+	rm -rf build *.egg-info logo_kernels/*.so .pytest_cache $(VERL_VENV)

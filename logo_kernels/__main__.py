@@ -63,8 +63,9 @@ def report() -> Dict[str, object]:
                    "installed, but no CUDA device (set TRITON_INTERPRET=1 before importing to run it on CPU)"),
     }
     from .integrations.trl import TESTED_TRL_VERSIONS
+    from .integrations.verl import TESTED_VERL_VERSIONS
 
-    trl_version = _installed("trl")
+    trl_version, verl_version = _installed("trl"), _installed("verl")
     return {
         "logo-kernels": __version__,
         "python": sys.version.split()[0],
@@ -84,6 +85,9 @@ def report() -> Dict[str, object]:
         "trl integration": (None if trl_version is None else
                             "tested version" if trl_version in TESTED_TRL_VERSIONS else
                             f"untested ({trl_version}; tested: {', '.join(TESTED_TRL_VERSIONS)})"),
+        "verl integration": (None if verl_version is None else
+                             "tested version" if verl_version in TESTED_VERL_VERSIONS else
+                             f"untested ({verl_version}; tested: {', '.join(TESTED_VERL_VERSIONS)})"),
     }
 
 
@@ -102,8 +106,9 @@ def format_report(data: Dict[str, object]) -> str:
     rows.append(("C++ extension", "not built" if ext["path"] is None else
                  f"{ext['path']} (built for torch {ext['built for torch'] or 'unknown: built before 0.2.0'})"))
     rows += [(name, version or "-") for name, version in data["peers"].items()]
-    if data["trl integration"]:
-        rows.append(("trl integration", data["trl integration"]))
+    for integration in ("trl integration", "verl integration"):
+        if data.get(integration):
+            rows.append((integration, data[integration]))
     width = max(len(key) for key, _ in rows)
     lines += [f"  {key:<{width}}  {value}" for key, value in rows]
     return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""verl on logo_kernels: the per-token log-probs and entropy of verl's fused-kernel path run on our op.
+
+    from logo_kernels.integrations import verl as logo_verl
+    logo_verl.enable()         # in the worker, before the first forward (the actor's and the reference's)
+    ...                        # verl as usual, with actor_rollout_ref.model.use_fused_kernels=True
+    logo_verl.disable()        # verl's own kernels again (or: with logo_verl.enabled(): ...)
+
+verl (0.9.1) computes log-probs and entropy for PPO / GRPO / DAPO without logits when
+``model.use_fused_kernels`` is set: ``apply_monkey_patch`` replaces the model's forward by one that runs the
+backbone, rolls the labels (or takes the engine's ``shift_labels``, rolled before the Ulysses split), and calls
+one of two kernels, each imported from its module at every call:
+
+* backends ``torch`` and ``liger``: ``verl.utils.experimental.torch_functional.FusedLinearForPPO(impl_backend=...)
+  .forward(hidden_states, vocab_weights, input_ids, temperature)`` -> (log_probs, entropy) shaped like the ids;
+* backend ``triton``: ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy(hidden, weight, labels,
+  temperature, reduction)`` -> flat (log_probs [N], entropy [N]) for ``reduction="none"``.
+
+``enable()`` replaces those two module attributes with :class:`LogoFusedLinearForPPO` and
+:func:`logo_linear_cross_entropy`, which compute both outputs with :func:`logo_kernels.linear_logprobs`
+(log-probs and entropy differentiable, fp32; no [tokens, vocab] tile beyond one backend block). Everything else
+stays verl's: label rolling, temperature, sequence parallelism, the engine's micro-batching, the loss. Two things
+verl's fused path gets wrong are fixed or refused instead of computed:
+
+* an FSDP2 LM head sharded on its own (untied embeddings: verl wraps ``lm_head`` separately) reaches the kernel as
+  a DTensor that verl's kernels cannot multiply (verl issue #5633); ours gathers it (``full_tensor()``, whose
+  backward reduce-scatters the gradient to the shards);
+* verl's fused forward passes ``lm_head.weight`` alone, so a model that transforms its logits after the head —
+  Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling`` — would be scored
+  without the transform: after ``enable()``, ``apply_monkey_patch(..., use_fused_kernels=True)`` refuses such a
+  model with a ValueError naming the family and the feature. (A LoRA adapter on ``lm_head`` is refused the same
+  way: the fused forward reads the base weight only.)
+
+Not swapped: Megatron's fused path (``verl.models.mcore``) binds verl's kernel at import and passes a
+tensor-parallel vocabulary group; it keeps verl's kernel, and :func:`logo_linear_cross_entropy` refuses a
+``dist_process_group``.
+
+``enable`` checks the installed verl against the versions this contract was tested with and refuses others
+(``allow_untested=True`` tries anyway, with a warning).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from ..linear_logprobs import linear_logprobs
+
+#: verl versions whose fused-kernel contract the tests run against (tests/with_verl/).
+TESTED_VERL_VERSIONS = ("0.9.1",)
+_MODULE_PARAMETERS = ("self", "hidden_states", "vocab_weights", "input_ids", "temperature")
+_CE_PARAMETERS = ("ctx", "hidden", "weight", "labels", "temperature", "reduction", "dist_process_group")
+_REDUCTIONS = ("none", "sum", "mean")
+
+_saved: Optional[dict] = None
+_backend = "auto"
+
+
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole head from an FSDP2 shard (a DTensor); other tensors as they are. Differentiable."""
+    full_tensor = getattr(weight, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else weight
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a Python float; a per-sample temperature tensor is not supported by "
+                        "verl's fused kernels either")
+    return float(temperature)
+
+
+def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          temperature) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label), entropy) fp32, shaped like ``labels``; labels [...] ids in [0, V) (-100 gives 0, as Liger)."""
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"input_ids {tuple(labels.shape)} must match hidden_states {tuple(hidden.shape)} without "
+                         "its last dimension")
+    stats = linear_logprobs(hidden, _full(weight), labels, temperature=_check_temperature(temperature),
+                            outputs=("logp", "entropy"), backend=_backend)
+    return stats.logp, stats.entropy
+
+
+class LogoFusedLinearForPPO(torch.nn.Module):
+    """Drop-in for ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (backends ``torch`` and
+    ``liger``): ``forward(hidden_states [..., D], vocab_weights [V, D], input_ids [...], temperature)`` ->
+    (log_probs, entropy), fp32, shaped like ``input_ids``, both differentiable w.r.t. hidden and weight.
+    ``chunk_size`` is accepted and unused: the op bounds its own working memory."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'.")
+        self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
+                temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _logprobs_and_entropy(hidden_states, vocab_weights, input_ids, temperature)
+
+
+def logo_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              temperature: float = 1.0, reduction: str = "none", dist_process_group=None):
+    """Drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (backend ``triton``): hidden
+    [..., D], weight [V, D], labels [...] -> (log_probs, entropy) fp32, flattened to [N]; with ``reduction`` "sum"
+    or "mean" the log-probs are summed / averaged over the tokens (entropy stays [N]), as verl's kernel does."""
+    if dist_process_group is not None:
+        raise ValueError("logo_linear_cross_entropy: dist_process_group (a vocabulary split over tensor-parallel "
+                         "ranks, Megatron's path) is not supported; the op needs the whole LM head on each rank")
+    if not isinstance(reduction, str) or reduction.lower() not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    log_probs, entropy = _logprobs_and_entropy(hidden, weight, labels, temperature)
+    log_probs, entropy = log_probs.reshape(-1), entropy.reshape(-1)
+    if reduction.lower() == "sum":
+        log_probs = log_probs.sum()
+    elif reduction.lower() == "mean":
+        log_probs = log_probs.mean()
+    return log_probs, entropy
+
+
+def _head_features(model) -> list:
+    """What verl's fused forward would drop for this model: logit transforms after the head, a LoRA head."""
+    from .hf import HeadTransform
+
+    config = getattr(model, "config", None)
+    found = []
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        transform = HeadTransform.of(config)
+        if transform.softcap is not None:
+            found.append(f"final_logit_softcapping={transform.softcap}")
+        if transform.logit_scale != 1.0:
+            name = next(n for n in ("logit_scale", "lm_head_multiplier", "logits_scaling")
+                        if getattr(text, n, None) is not None)
+            found.append(f"{name}={getattr(text, name)}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "base_layer"):
+        found.append("a LoRA adapter on lm_head")
+    return found
+
+
+def _guarded(patch_forward_with_backends):
+    """verl's ``patch_forward_with_backends``, refusing models whose logits its fused forward would get wrong."""
+
+    def patch(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
+        if use_fused_kernels and fused_kernels_backend in ("torch", "triton", "liger"):
+            found = _head_features(model)
+            if found:
+                family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+                raise ValueError(
+                    f"verl use_fused_kernels on {family} ({type(model).__name__}): the model's logits use "
+                    f"{', '.join(found)}, which verl's fused forward drops (it multiplies by lm_head.weight "
+                    "alone) — the log-probs would be wrong; set use_fused_kernels=False for this model")
+        return patch_forward_with_backends(model, use_fused_kernels=use_fused_kernels,
+                                           fused_kernels_backend=fused_kernels_backend)
+
+    patch.__wrapped__ = patch_forward_with_backends
+    return patch
+
+
+def _modules(allow_untested: bool):
+    try:
+        import verl
+        import verl.models.transformers.monkey_patch as monkey_patch
+        import verl.utils.experimental.torch_functional as torch_functional
+        import verl.utils.kernel.linear_cross_entropy as lce
+    except ImportError as error:
+        raise ImportError("logo_kernels.integrations.verl needs verl: pip install 'logo-kernels[verl]' "
+                          f"(tested: verl=={' / '.join(TESTED_VERL_VERSIONS)}; it pins transformers<5.11, so it "
+                          "lives in its own environment: make verl-env)") from error
+    problems = []
+    version = getattr(verl, "__version__", "unknown")
+    if version not in TESTED_VERL_VERSIONS:
+        problems.append(f"verl {version} is not a tested version ({', '.join(TESTED_VERL_VERSIONS)})")
+    module_kernel = getattr(torch_functional, "FusedLinearForPPO", None)
+    ce_kernel = getattr(lce, "linear_cross_entropy", None)
+    if module_kernel is None or ce_kernel is None or not hasattr(monkey_patch, "patch_forward_with_backends"):
+        problems.append("verl has no FusedLinearForPPO / linear_cross_entropy / patch_forward_with_backends where "
+                        "0.9.1 has them")
+    else:
+        if module_kernel is not LogoFusedLinearForPPO:
+            found = tuple(inspect.signature(module_kernel.forward).parameters)
+            if found != _MODULE_PARAMETERS:
+                problems.append(f"verl's FusedLinearForPPO.forward takes {found}, not {_MODULE_PARAMETERS}")
+        if ce_kernel is not logo_linear_cross_entropy:
+            function = getattr(getattr(lce, "LinearCrossEntropy", None), "forward", None)
+            found = tuple(inspect.signature(function).parameters) if function is not None else ()
+            if found != _CE_PARAMETERS:
+                problems.append(f"verl's LinearCrossEntropy.forward takes {found}, not {_CE_PARAMETERS}")
+    if problems:
+        message = "; ".join(problems) + " — the fused-kernel contract may differ"
+        if not allow_untested:
+            raise RuntimeError(f"logo_kernels.integrations.verl: {message}. Install verl=={TESTED_VERL_VERSIONS[-1]} "
+                               "or pass allow_untested=True")
+        warnings.warn(f"logo_kernels.integrations.verl: {message}", RuntimeWarning, stacklevel=3)
+    return monkey_patch, torch_functional, lce
+
+
+def enable(*, backend: str = "auto", allow_untested: bool = False) -> None:
+    """Routes verl's fused log-prob / entropy kernels to :func:`logo_kernels.linear_logprobs` (module doc);
+    ``backend`` is the op's ("auto", "cpp", "torch", "triton"). Idempotent."""
+    global _saved, _backend
+    monkey_patch, torch_functional, lce = _modules(allow_untested)
+    _backend = backend
+    if _saved is None:
+        _saved = {(torch_functional, "FusedLinearForPPO"): torch_functional.FusedLinearForPPO,
+                  (lce, "linear_cross_entropy"): lce.linear_cross_entropy,
+                  (monkey_patch, "patch_forward_with_backends"): monkey_patch.patch_forward_with_backends}
+        torch_functional.FusedLinearForPPO = LogoFusedLinearForPPO
+        lce.linear_cross_entropy = logo_linear_cross_entropy
+        monkey_patch.patch_forward_with_backends = _guarded(monkey_patch.patch_forward_with_backends)
+    if any(name.startswith("verl.models.mcore") for name in sys.modules):
+        warnings.warn("logo_kernels.integrations.verl: Megatron's fused path (verl.models.mcore) keeps verl's "
+                      "kernel (bound at import, vocabulary split over tensor-parallel ranks)", RuntimeWarning,
+                      stacklevel=2)
+
+
+def disable() -> None:
+    """verl's own kernels again; idempotent."""
+    global _saved
+    if _saved is None:
+        return
+    for (module, name), value in _saved.items():
+        setattr(module, name, value)
+    _saved = None
+
+
+def is_enabled() -> bool:
+    return _saved is not None
+
+
+@contextlib.contextmanager
+def enabled(*, backend: str = "auto", allow_untested: bool = False):
+    """``with enabled(): ...`` — verl on our op inside the block only."""
+    was = is_enabled()
+    enable(backend=backend, allow_untested=allow_untested)
+    try:
+        yield
+    finally:
+        if not was:
+            disable()

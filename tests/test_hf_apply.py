@@ -32,10 +32,15 @@ def family(name: str):
         return t.Phi3ForCausalLM(t.Phi3Config(**SHAPE, pad_token_id=0))
     if name == "cohere-logit-scale":
         return t.CohereForCausalLM(t.CohereConfig(**SHAPE, logit_scale=0.25))
+    if name == "granite-divides":  # logits / logits_scaling
+        return t.GraniteForCausalLM(t.GraniteConfig(**SHAPE, logits_scaling=4.0))
+    if name == "hyperclovax-multiplies":  # logits * logits_scaling (MuP)
+        return t.HyperCLOVAXForCausalLM(t.HyperCLOVAXConfig(**SHAPE, logits_scaling=4.0))
     raise ValueError(name)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2-softcap", "gemma3", "phi3", "cohere-logit-scale"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2-softcap", "gemma3", "phi3", "cohere-logit-scale",
+            "granite-divides", "hyperclovax-multiplies"]
 
 
 def batch(seed=0, rows=3, length=12):

@@ -54,15 +54,21 @@ class HeadTransform:
     softcap: Optional[float] = None
     logit_scale: float = 1.0
 
+    #: families whose ``logits_scaling`` multiplies the logits (MuP); Granite and the others divide by it
+    MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
+
     @classmethod
     def of(cls, config) -> "HeadTransform":
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        scale = getattr(text, "logit_scale", None)
-        if scale is None:
-            scale = getattr(text, "lm_head_multiplier", None)
+        scale = None
+        for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):  # Cohere, Falcon-H1, Muse
+            if scale is None and getattr(text, name, None) is not None:
+                scale = float(getattr(text, name))
         if scale is None and getattr(text, "logits_scaling", None) is not None:
-            scale = 1.0 / text.logits_scaling
-        return cls(getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else float(scale))
+            family = str(getattr(text, "model_type", "") or getattr(config, "model_type", ""))
+            multiplies = family.startswith(cls.MULTIPLYING_LOGITS_SCALING)
+            scale = float(text.logits_scaling) if multiplies else 1.0 / text.logits_scaling
+        return cls(getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else scale)
 
 
 def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, HeadTransform]:

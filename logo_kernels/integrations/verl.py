@@ -1,9 +1,12 @@
 """verl on logo_kernels: the per-token log-probs and entropy of verl's fused-kernel path run on our op.
 
     from logo_kernels.integrations import verl as logo_verl
-    logo_verl.enable()         # in the worker, before the first forward (the actor's and the reference's)
+    logo_verl.enable()         # in every process that builds a model, before verl patches it
     ...                        # verl as usual, with actor_rollout_ref.model.use_fused_kernels=True
     logo_verl.disable()        # verl's own kernels again (or: with logo_verl.enabled(): ...)
+
+verl's Ray workers are other processes: ``VERL_USE_EXTERNAL_MODULES=logo_kernels.integrations.verl_autoenable``
+makes verl enable it wherever it is imported (:mod:`logo_kernels.integrations.verl_autoenable`).
 
 verl (0.9.1) computes log-probs and entropy for PPO / GRPO / DAPO without logits when
 ``model.use_fused_kernels`` is set: ``apply_monkey_patch`` replaces the model's forward by one that runs the
@@ -17,22 +20,25 @@ one of two kernels, each imported from its module at every call:
 
 ``enable()`` replaces those two module attributes with :class:`LogoFusedLinearForPPO` and
 :func:`logo_linear_cross_entropy`, which compute both outputs with :func:`logo_kernels.linear_logprobs`
-(log-probs and entropy differentiable, fp32; no [tokens, vocab] tile beyond one backend block). Everything else
-stays verl's: label rolling, temperature, sequence parallelism, the engine's micro-batching, the loss. Two things
-verl's fused path gets wrong are fixed or refused instead of computed:
+(log-probs and entropy differentiable, fp32 — verl's torch kernel returns the entropy in the hidden dtype; no
+[tokens, vocab] tile beyond one backend block; non-finite hidden states or head raise, as the op does everywhere,
+instead of a NaN loss). Everything else stays verl's: label rolling, temperature, sequence parallelism, the
+engine's micro-batching, the loss. What verl's fused path gets wrong is fixed or refused instead of computed:
 
 * an FSDP2 LM head sharded on its own (untied embeddings: verl wraps ``lm_head`` separately) reaches the kernel as
-  a DTensor that verl's kernels cannot multiply (verl issue #5633); ours gathers it (``full_tensor()``, whose
-  backward reduce-scatters the gradient to the shards);
+  a DTensor that verl's kernels cannot multiply, and whose gradient FSDP2 would not reduce (verl issue #5633): ours
+  gathers it and averages its gradient over the ranks (:func:`_full`);
 * verl's fused forward passes ``lm_head.weight`` alone, so a model that transforms its logits after the head —
-  Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling`` — would be scored
-  without the transform: after ``enable()``, ``apply_monkey_patch(..., use_fused_kernels=True)`` refuses such a
-  model with a ValueError naming the family and the feature. (A LoRA adapter on ``lm_head`` is refused the same
-  way: the fused forward reads the base weight only.)
+  Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``, a bias on
+  ``lm_head`` (Phi), a LoRA adapter on it — would be scored without it: after ``enable()``, ``apply_monkey_patch(...,
+  use_fused_kernels=True)`` refuses such a model with a ValueError naming the family and the feature, and the
+  patched forward checks again at every call (verl's engine adds LoRA after patching). A model patched before
+  ``enable()`` is not checked.
 
 Not swapped: Megatron's fused path (``verl.models.mcore``) binds verl's kernel at import and passes a
-tensor-parallel vocabulary group; it keeps verl's kernel, and :func:`logo_linear_cross_entropy` refuses a
-``dist_process_group``.
+tensor-parallel vocabulary group; it keeps verl's kernel (``enable()`` warns when those modules are already
+loaded), and :func:`logo_linear_cross_entropy` refuses a ``dist_process_group``. verl's other engines (automodel,
+VeOmni) have fused paths of their own that do not call these kernels.
 
 ``enable`` checks the installed verl against the versions this contract was tested with and refuses others
 (``allow_untested=True`` tries anyway, with a warning).
@@ -59,10 +65,23 @@ _saved: Optional[dict] = None
 _backend = "auto"
 
 
-def _full(weight: torch.Tensor) -> torch.Tensor:
-    """The whole head from an FSDP2 shard (a DTensor); other tensors as they are. Differentiable."""
-    full_tensor = getattr(weight, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else weight
+def _full(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The whole head from its FSDP2 shards (a DTensor), on the hidden states' device; other tensors as they are.
+
+    verl's fused forward reads ``lm_head.weight`` without running ``lm_head``, so FSDP2 neither gathers that module
+    nor reduces its gradient. The gather is differentiable, and its backward averages the gradient over the mesh
+    before keeping each rank's shard (``Partial("avg")``): the data-parallel mean FSDP2 applies to the gradients it
+    reduces itself. The gathered head is FSDP2's master copy (fp32 under verl's bf16 mixed precision, which casts
+    only in a module's own forward): it is cast to the hidden states' half precision, as the cast would have.
+    """
+    if not hasattr(weight, "full_tensor") or not hasattr(weight, "device_mesh"):
+        return weight
+    from torch.distributed.tensor import Partial
+
+    full = weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    if hidden.dtype in (torch.bfloat16, torch.float16) and full.dtype == torch.float32:
+        full = full.to(hidden.dtype)
+    return full.to(hidden.device)
 
 
 def _check_temperature(temperature) -> float:
@@ -78,7 +97,7 @@ def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"input_ids {tuple(labels.shape)} must match hidden_states {tuple(hidden.shape)} without "
                          "its last dimension")
-    stats = linear_logprobs(hidden, _full(weight), labels, temperature=_check_temperature(temperature),
+    stats = linear_logprobs(hidden, _full(weight, hidden), labels, temperature=_check_temperature(temperature),
                             outputs=("logp", "entropy"), backend=_backend)
     return stats.logp, stats.entropy
 
@@ -138,23 +157,42 @@ def _head_features(model) -> list:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and hasattr(head, "base_layer"):
         found.append("a LoRA adapter on lm_head")
+    if head is not None and getattr(getattr(head, "base_layer", head), "bias", None) is not None:
+        found.append("a bias on lm_head")
     return found
 
 
+def _refuse_if_dropped(model) -> None:
+    found = _head_features(model)
+    if found:
+        family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"verl use_fused_kernels on {family} ({type(model).__name__}): the model's logits use "
+            f"{', '.join(found)}, which verl's fused forward drops (it multiplies by lm_head.weight alone) — "
+            "the log-probs would be wrong; set use_fused_kernels=False for this model")
+
+
 def _guarded(patch_forward_with_backends):
-    """verl's ``patch_forward_with_backends``, refusing models whose logits its fused forward would get wrong."""
+    """verl's ``patch_forward_with_backends``, refusing models whose logits its fused forward would get wrong: when
+    it patches (a model's features as built) and at every forward of the patched class (verl's engine adds LoRA
+    after patching)."""
 
     def patch(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
-        if use_fused_kernels and fused_kernels_backend in ("torch", "triton", "liger"):
-            found = _head_features(model)
-            if found:
-                family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-                raise ValueError(
-                    f"verl use_fused_kernels on {family} ({type(model).__name__}): the model's logits use "
-                    f"{', '.join(found)}, which verl's fused forward drops (it multiplies by lm_head.weight "
-                    "alone) — the log-probs would be wrong; set use_fused_kernels=False for this model")
-        return patch_forward_with_backends(model, use_fused_kernels=use_fused_kernels,
-                                           fused_kernels_backend=fused_kernels_backend)
+        fused = use_fused_kernels and fused_kernels_backend in ("torch", "triton", "liger")
+        if fused:
+            _refuse_if_dropped(model)
+        result = patch_forward_with_backends(model, use_fused_kernels=use_fused_kernels,
+                                             fused_kernels_backend=fused_kernels_backend)
+        forward = model.__class__.forward
+        if fused and not getattr(forward, "_logo_checked", False):
+            def checked_forward(self, *args, **kwargs):
+                _refuse_if_dropped(self)
+                return forward(self, *args, **kwargs)
+
+            checked_forward._logo_checked = True
+            checked_forward.__wrapped__ = forward
+            model.__class__.forward = checked_forward
+        return result
 
     patch.__wrapped__ = patch_forward_with_backends
     return patch

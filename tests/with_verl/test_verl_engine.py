@@ -13,6 +13,7 @@ pytest.importorskip("verl", reason="verl lives in its own environment: make test
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "verl_engine_script.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LR = 2e-3  # verl_engine_script.py's learning rate
 
 
 def run_engine(tmp_path, name, *flags, processes=1):
@@ -20,22 +21,34 @@ def run_engine(tmp_path, name, *flags, processes=1):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                  "--master_port", str(29400 + os.getpid() % 500)] if processes > 1 else [sys.executable])
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if "logo" in flags:  # the way verl's workers get it: enabled by verl's import of external modules
+        env.update(VERL_USE_EXTERNAL_MODULES="logo_kernels.integrations.verl_autoenable", LOGO_VERL_BACKEND="cpp")
     result = subprocess.run(launcher + [SCRIPT, "--model-dir", str(tmp_path / "model"), "--out", str(out), *flags],
                             capture_output=True, text=True, timeout=600, env=env)
     return result, (json.loads(out.read_text()) if result.returncode == 0 else None)
 
 
-def assert_same_steps(ours, theirs, tol=1e-5):
-    assert ours["world"] == theirs["world"] and len(ours["steps"]) == len(theirs["steps"]) == 3
+def assert_same_steps(ours, theirs, tol=1e-5, across_worlds=False):
+    """Every step's outputs and the parameters after the steps (lr 2e-3: Adam's normalised update turns fp32
+    rounding of tiny gradients into ~1e-3 of the learning rate). The per-micro-batch losses verl reports are
+    scaled by its data-parallel size (the mean over ranks is the global batch's): compared per rank count."""
+    assert (ours["world"] == theirs["world"]) != across_worlds and len(ours["steps"]) == len(theirs["steps"]) == 3
+    scaled = ("loss", "pg_loss", "entropy_loss")
     for step, (a, b) in enumerate(zip(ours["steps"], theirs["steps"])):
-        for key in ("log_probs", "entropy", "loss", "grad_norm", "pg_loss", "entropy_loss"):
+        for key in ("log_probs", "entropy", "grad_norm") + scaled:
             x, y = np.asarray(a[key], dtype=float), np.asarray(b[key], dtype=float)
+            if key in scaled:
+                x, y = x / ours["world"], y / theirs["world"]
             assert x.shape == y.shape and x.size > 0, (step, key)
             assert np.abs(x - y).max() <= tol * (1 + np.abs(y).max()), (step, key, np.abs(x - y).max())
+    # Parameters: Adam's update lr * m / (sqrt(v) + eps) of an element whose gradient is a near-cancelling sum
+    # (fp32 rounding of the same order as the element) may differ by up to lr per step; the parameters as a whole
+    # agree to 1e-5 (a wrongly reduced gradient shows in the grad norms above: Adam hides a scale).
     assert ours["parameters"].keys() == theirs["parameters"].keys()
     for name in theirs["parameters"]:
         x, y = np.asarray(ours["parameters"][name]), np.asarray(theirs["parameters"][name])
-        assert np.abs(x - y).max() <= tol, name
+        assert np.abs(x - y).max() <= LR, name
+        assert np.linalg.norm(x - y) <= tol * np.linalg.norm(y), (name, np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
 def test_fsdp2_engine_on_two_processes_equals_verls_kernel(tmp_path):
@@ -66,13 +79,15 @@ def test_padded_batches_and_the_triton_backend(tmp_path, layout, backend):
 
 
 def test_fsdp2_with_an_untied_head_runs_on_ours(tmp_path):
-    """verl shards an untied lm_head on its own; its fused forward hands the kernel that DTensor, which verl's
-    kernel cannot multiply (verl issue #5633). Ours gathers it (its backward reduce-scatters the gradient): on 2
-    ranks, 3 steps equal verl's kernel on the head gathered the same way."""
+    """verl shards an untied lm_head on its own; its fused forward hands the kernel that DTensor without running
+    lm_head, so FSDP2 neither gathers it nor reduces its gradient, and verl's kernel cannot multiply it (verl issue
+    #5633). Ours gathers it and averages its gradient over the ranks: 3 steps on 2 ranks equal one process running
+    both ranks' data as one batch through verl's own kernel on the unwrapped module (no FSDP)."""
     broken_run, _ = run_engine(tmp_path, "verl-fsdp2", "--kernel", "verl", "--untied")
     assert broken_run.returncode != 0 and "DTensor" in broken_run.stderr
-    theirs_run, theirs = run_engine(tmp_path, "verl-gathered", "--kernel", "verl-gathered", "--untied", processes=2)
+    theirs_run, theirs = run_engine(tmp_path, "verl-plain", "--kernel", "verl", "--untied", "--wrap", "none",
+                                    "--shards", "2")
     assert theirs_run.returncode == 0, theirs_run.stderr[-3000:]
     ours_run, ours = run_engine(tmp_path, "logo", "--kernel", "logo", "--untied", processes=2)
     assert ours_run.returncode == 0, ours_run.stderr[-3000:]
-    assert_same_steps(ours, theirs)
+    assert_same_steps(ours, theirs, across_worlds=True)

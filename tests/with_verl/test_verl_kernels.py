@@ -29,7 +29,9 @@ BACKENDS = [b for b in ("cpp", "torch") if b in lk.available_backends()]
 @pytest.fixture(autouse=True)
 def verl_restored():
     """Every test leaves verl's kernels and the model classes as it found them (verl patches classes)."""
-    classes = (LlamaForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM)
+    from transformers import PhiForCausalLM
+
+    classes = (LlamaForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM, PhiForCausalLM)
     forwards = {cls: cls.__dict__.get("forward") for cls in classes}
     yield
     logo_verl.disable()
@@ -164,29 +166,63 @@ def test_patched_model_equals_verls_own_kernel(family, verl_backend):
     reference_backend = "torch" if verl_backend == "triton" else verl_backend
     if verl_backend == "liger":  # verl falls back to its torch kernel, silently, where Liger is not installed
         assert torch_functional._LIGER_FUSED_LINEAR_SCALED_CROSS_ENTROPY is not None, "make verl-env installs Liger"
+    packed_ids, packed_positions = ids.reshape(1, -1), torch.cat([position_ids[0]] * 2)[None]
+    shift_labels = torch.roll(packed_ids, -1, -1)  # the engine's remove-padding labels, rolled over the packed row
     theirs = patched_run(family, reference_backend, ids, position_ids)
+    theirs_packed = patched_run(family, reference_backend, packed_ids, packed_positions, shift_labels=shift_labels)
     with logo_verl.enabled():
         ours = patched_run(family, verl_backend, ids, position_ids)
-        packed = patched_run(family, verl_backend, ids.reshape(1, -1), torch.cat([position_ids[0]] * 2)[None],
-                             shift_labels=torch.roll(ids.reshape(1, -1), -1, -1))
-    torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours[1], theirs[1].float(), atol=1e-5, rtol=1e-5)
-    assert ours[2].keys() == theirs[2].keys() and len(ours[2]) > 10
-    for name in theirs[2]:
-        torch.testing.assert_close(ours[2][name], theirs[2][name], atol=1e-5, rtol=1e-5, msg=name)
-    # remove-padding's packed row with the engine's shift_labels: each sequence's log-probs but its last token
-    torch.testing.assert_close(packed[0].reshape(2, 11)[:, :-1], ours[0][:, :-1], atol=1e-5, rtol=1e-5)
+        ours_packed = patched_run(family, verl_backend, packed_ids, packed_positions, shift_labels=shift_labels)
+    for a, b in ((ours, theirs), (ours_packed, theirs_packed)):
+        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a[1], b[1].float(), atol=1e-5, rtol=1e-5)
+        assert a[2].keys() == b[2].keys() and len(a[2]) > 10
+        for name in b[2]:
+            torch.testing.assert_close(a[2][name], b[2][name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_a_model_whose_logits_verl_would_drop_is_refused():
-    """Gemma 2 softcaps its logits after the head; verl's fused forward multiplies by lm_head.weight alone."""
+    """Gemma 2 softcaps its logits after the head; verl's fused forward multiplies by lm_head.weight alone: with
+    logits of ~24 before the cap (trained models reach that), verl's own fused log-probs are off by nats."""
     model = Gemma2ForCausalLM(Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=30.0,
                                            attn_implementation="eager"))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = model(input_ids=ids).logits.float().log_softmax(-1)
+        own = own.gather(-1, torch.roll(ids, -1, -1)[..., None]).squeeze(-1)
+        monkey_patch.apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True,
+                                        fused_kernels_backend="torch")
+        verls = model(input_ids=ids, temperature=1.0, return_dict=True, use_cache=False).log_probs
+    assert (verls - own).abs().max() > 1.0  # what the refusal prevents
     with logo_verl.enabled():
         with pytest.raises(ValueError, match="gemma2 .*final_logit_softcapping=30.0.*use_fused_kernels=False"):
             monkey_patch.apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True,
                                             fused_kernels_backend="torch")
         monkey_patch.apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=False)  # unfused: fine
+
+
+def test_a_bias_on_the_head_and_a_lora_head_added_after_patching_are_refused():
+    """Phi's lm_head has a bias (verl passes the weight alone); verl's engine adds LoRA after apply_monkey_patch,
+    so a LoRA adapter on lm_head is refused at the forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import PhiConfig, PhiForCausalLM
+
+    phi = PhiForCausalLM(PhiConfig(vocab_size=501, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, max_position_embeddings=64))
+    ids = torch.randint(0, 501, (1, 8))
+    with logo_verl.enabled():
+        with pytest.raises(ValueError, match="a bias on lm_head"):
+            monkey_patch.apply_monkey_patch(phi, use_remove_padding=False, use_fused_kernels=True,
+                                            fused_kernels_backend="torch")
+        llama = tiny("llama")
+        monkey_patch.apply_monkey_patch(llama, use_remove_padding=False, use_fused_kernels=True,
+                                        fused_kernels_backend="torch")
+        llama(input_ids=ids, temperature=1.0, return_dict=True, use_cache=False)  # fine before LoRA
+        lora = get_peft_model(llama, LoraConfig(r=2, target_modules=["lm_head", "q_proj"], lora_dropout=0.0))
+        with pytest.raises(ValueError, match="a LoRA adapter on lm_head"):
+            lora(input_ids=ids, temperature=1.0, return_dict=True, use_cache=False)
 
 
 def test_enable_disable_and_version_check(monkeypatch):

@@ -7,8 +7,8 @@ torchrun (gloo) or as one process; writes what each step computed to --out (rank
 verl 0.9.1 has no CPU platform (it falls back to "cuda"): a CPU one is registered before the engine is imported,
 with stand-ins for the three torch.cuda memory queries its logging makes. The engine registry lists cuda / npu
 only, so the engine class is built directly. verl's own kernel cannot run an FSDP2 model whose lm_head is sharded
-on its own (verl issue #5633): ``--kernel verl-gathered`` runs it on the head gathered from its shards, and
-``--wrap none`` builds the engine's module without FSDP.
+on its own (verl issue #5633): ``--wrap none`` builds the engine's module without FSDP and ``--shards 2`` runs two
+ranks' data in one process, the reference for that case.
 """
 import argparse
 import contextlib
@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--kernel", choices=("verl", "verl-gathered", "logo"), required=True,
-                    help="verl-gathered: verl's torch kernel on the head gathered from its FSDP2 shards (full_tensor)")
+parser.add_argument("--kernel", choices=("verl", "logo"), required=True)
 parser.add_argument("--backend", choices=("torch", "liger", "triton"), default="torch")
 parser.add_argument("--wrap", choices=("fsdp2", "none"), default="fsdp2")
 parser.add_argument("--untied", action="store_true", help="lm_head not tied to the embeddings (sharded on its own)")
 parser.add_argument("--no-rmpad", action="store_true", help="padded batches instead of verl's remove-padding")
 parser.add_argument("--steps", type=int, default=3)
+parser.add_argument("--shards", type=int, default=1, help="one process: run this many ranks' data as one batch")
 parser.add_argument("--model-dir", required=True, help="where the tiny model is saved (made by rank 0 if absent)")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
@@ -84,21 +84,12 @@ if "RANK" not in os.environ:
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 
-if args.kernel == "logo":
+if args.kernel == "logo":  # as in verl's workers: enabled when verl is imported (VERL_USE_EXTERNAL_MODULES)
     from logo_kernels.integrations import verl as logo_verl
 
-    logo_verl.enable(backend="cpp" if "cpp" in __import__("logo_kernels").available_backends() else "torch")
+    assert os.environ.get("VERL_USE_EXTERNAL_MODULES") == "logo_kernels.integrations.verl_autoenable"
+    assert logo_verl.is_enabled(), "VERL_USE_EXTERNAL_MODULES did not enable the drop-in"
 
-elif args.kernel == "verl-gathered":  # the reference for a head sharded on its own, which verl's kernel cannot read
-    import verl.utils.experimental.torch_functional as torch_functional
-
-    class GatheredHead(torch_functional.FusedLinearForPPO):
-        def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
-            if hasattr(vocab_weights, "full_tensor"):
-                vocab_weights = vocab_weights.full_tensor()
-            return super().forward(hidden_states, vocab_weights, input_ids, temperature)
-
-    torch_functional.FusedLinearForPPO = GatheredHead
 
 from tensordict import TensorDict  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -130,7 +121,7 @@ engine_config = FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_
                                  micro_batch_size_per_gpu=2, infer_micro_batch_size_per_gpu=2, mixed_precision=fp32,
                                  model_dtype="fp32", use_fused_kernels=True, use_remove_padding=RMPAD)
 engine = FSDPEngineWithLMHead(model_config=model_config, engine_config=engine_config,
-                              optimizer_config=FSDPOptimizerConfig(lr=1e-2, total_training_steps=args.steps),
+                              optimizer_config=FSDPOptimizerConfig(lr=2e-3, total_training_steps=args.steps),
                               checkpoint_config=CheckpointConfig())
 if args.wrap == "none":  # the engine's own module build and monkey patch, without the FSDP wrapper
     engine.module = engine._build_module()
@@ -141,28 +132,40 @@ if args.wrap == "none":  # the engine's own module build and monkey patch, witho
 else:
     engine.initialize()
 
-# a PPO batch like the trainer's: prompts left-padded, responses right-padded; each rank its own share
+# PPO batches like the trainer's (prompts left-padded, responses right-padded) from shards of 4 sequences: rank r
+# of a world of W runs shard r; one process with --shards K runs shards 0..K-1 together (the same global batch)
 B, P, R = 4, 6, 5
-generator = torch.Generator().manual_seed(1234 + rank)
-prompt_lens, response_lens = [6, 4, 5, 3], [5, 3, 4, 2]
-prompts = torch.zeros(B, P, dtype=torch.long)
-responses = torch.zeros(B, R, dtype=torch.long)
-attention = torch.zeros(B, P + R, dtype=torch.long)
-for i in range(B):
-    prompts[i, P - prompt_lens[i]:] = torch.randint(3, V, (prompt_lens[i],), generator=generator)
-    responses[i, :response_lens[i]] = torch.randint(3, V, (response_lens[i],), generator=generator)
-    attention[i, P - prompt_lens[i]:P + response_lens[i]] = 1
+shards = list(range(args.shards)) if world == 1 else [rank]
+generators = {s: torch.Generator().manual_seed(1234 + s) for s in shards}
+
+
+def shard_tensors(s):
+    g = generators[s]
+    prompt_lens, response_lens = [6, 4, 5, 3], [5, 3, 4, 2]
+    prompts = torch.zeros(B, P, dtype=torch.long)
+    responses = torch.zeros(B, R, dtype=torch.long)
+    attention = torch.zeros(B, P + R, dtype=torch.long)
+    for i in range(B):
+        prompts[i, P - prompt_lens[i]:] = torch.randint(3, V, (prompt_lens[i],), generator=g)
+        responses[i, :response_lens[i]] = torch.randint(3, V, (response_lens[i],), generator=g)
+        attention[i, P - prompt_lens[i]:P + response_lens[i]] = 1
+    return prompts, responses, attention
+
+
+prompts, responses, attention = (torch.cat(parts) for parts in zip(*(shard_tensors(s) for s in shards)))
+rows = prompts.shape[0]
+global_rows = B * max(world, args.shards)
 input_ids = torch.cat([prompts, responses], 1)
 position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
 response_mask = attention[:, P:].clone()
 temperature = 0.7
-actor_config = ActorConfig(strategy="fsdp2", rollout_n=1, ppo_mini_batch_size=B * world, ppo_micro_batch_size_per_gpu=2,
-                           entropy_coeff=0.01, use_kl_loss=False)
+actor_config = ActorConfig(strategy="fsdp2", rollout_n=1, ppo_mini_batch_size=global_rows,
+                           ppo_micro_batch_size_per_gpu=2, entropy_coeff=0.01, use_kl_loss=False)
 
 
 def batch(**extra):
     td = TensorDict({"prompts": prompts, "responses": responses, "input_ids": input_ids, "attention_mask": attention,
-                     "position_ids": position_ids, "response_mask": response_mask, **extra}, batch_size=[B])
+                     "position_ids": position_ids, "response_mask": response_mask, **extra}, batch_size=[rows])
     td = left_right_2_no_padding(td)
     tu.assign_non_tensor(td, temperature=temperature, use_remove_padding=RMPAD, use_fused_kernels=True,
                          use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
@@ -176,9 +179,12 @@ def gathered(x: torch.Tensor) -> list:
 
 
 def metric(value) -> list:
-    """verl's metrics are floats, lists or its Metric aggregator (values per micro-batch)."""
+    """verl's metrics are floats, lists or its Metric aggregator (values per micro-batch), every rank's."""
     values = getattr(value, "values", value)
-    return [float(x) for x in (values if isinstance(values, (list, tuple)) else [values])]
+    values = [float(x) for x in (values if isinstance(values, (list, tuple)) else [values])]
+    every = [None] * world
+    dist.all_gather_object(every, values)
+    return [x for part in every for x in part]
 
 
 steps = []
@@ -190,14 +196,14 @@ for step in range(args.steps):
     log_probs = no_padding_2_padding(output["log_probs"], td).float() * response_mask
     entropy = no_padding_2_padding(output["entropy"], td).float() * response_mask
 
-    advantages = torch.randn(B, R, generator=generator) * response_mask
+    advantages = torch.cat([torch.randn(B, R, generator=generators[s]) for s in shards]) * response_mask
     td = batch(old_log_probs=log_probs.detach(), advantages=advantages)
-    tu.assign_non_tensor(td, calculate_entropy=True, global_batch_size=B * world, compute_loss=True)
+    tu.assign_non_tensor(td, calculate_entropy=True, global_batch_size=global_rows, compute_loss=True)
     with engine.train_mode():
         result = engine.train_batch(td, loss_function=partial(ppo_loss, config=actor_config))
-    losses = torch.tensor([float(x) for x in result["loss"]])
-    steps.append({"log_probs": gathered(log_probs), "entropy": gathered(entropy), "loss": gathered(losses),
-                  "grad_norm": metric(result["metrics"]["grad_norm"]),
+    steps.append({"log_probs": gathered(log_probs), "entropy": gathered(entropy),
+                  "loss": metric([float(x) for x in result["loss"]]),
+                  "grad_norm": metric(result["metrics"]["grad_norm"])[:1],
                   "pg_loss": metric(result["metrics"]["actor/pg_loss"]),
                   "entropy_loss": metric(result["metrics"]["actor/entropy_loss"])})
 
@@ -209,11 +215,12 @@ kernels = [torch_functional.FusedLinearForPPO.__module__ + "." + torch_functiona
 parameters = {}
 for name, p in engine.module.named_parameters():
     full = p.full_tensor() if hasattr(p, "full_tensor") else p
-    parameters[name.replace("_fsdp_wrapped_module.", "")] = full.detach().double().reshape(-1)[:64].tolist()
+    parameters[name.replace("_fsdp_wrapped_module.", "")] = full.detach().double().reshape(-1).tolist()
 if rank == 0:
     with open(args.out + ".tmp", "w") as f:
         json.dump({"world": world, "steps": steps, "parameters": parameters,
-                   "forward": type(engine.module).forward.__qualname__, "kernels": kernels}, f)
+                   "forward": getattr(type(engine.module).forward, "__wrapped__", type(engine.module).forward).__qualname__,
+                   "kernels": kernels}, f)
     os.replace(args.out + ".tmp", args.out)
 dist.barrier()
 dist.destroy_process_group()

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         extras = {"linear_logprobs": ["--ns", "32", "--vocabs", "300", "--dim", "16", "--methods", "naive",
                                       "ours_torch", "ours_triton", "ours_triton_fast", "cce", "liger", "--device",
                                       "cpu"],
-                  "loss": ["--tokens", "64", "--vocabs", "300", "--dim", "16", "--negatives", "1", "--heads",
+                  "loss": ["--tokens", "64", "--vocabs", "300", "--dim", "16", "--negatives", "2", "--heads",
                            "trainable"],
                   "step": ["--contexts", "32", "--negatives", "2", "--vocabs", "300", "--response", "8", "--dim",
                            "64", "--layers", "1"],

@@ -21,29 +21,6 @@ def run_bench(script, args, tmp_path):
     return rows
 
 
-def test_bench_linear_logprobs_smoke(tmp_path):
-    rows = run_bench("bench_linear_logprobs.py", ["--ns", "16", "--vocabs", "50", "--dim", "8", "--methods", "naive",
-                                                  "ours_torch", "ours_triton"], tmp_path)
-    by_method = {r["method"]: r for r in rows}
-    assert float(by_method["ours_torch"]["median_s"]) > 0 and by_method["naive"]["time_vs_naive"] == "1.0"
-    triton = by_method["ours_triton"]  # interpreted when TRITON_INTERPRET=1 (as under pytest), else skipped
-    assert "no CUDA device" in (triton.get("error") or "") or float(triton["median_s"]) > 0
-
-
-def test_bench_loss_smoke(tmp_path):
-    rows = run_bench("bench_loss.py", ["--tokens", "32", "--vocabs", "50", "--negatives", "2", "--dim", "8",
-                                       "--methods", "naive", "ours"], tmp_path)
-    assert {r["method"] for r in rows} == {"naive", "ours"}
-    assert all(float(r["median_s"]) > 0 for r in rows)
-
-
-def test_bench_step_smoke(tmp_path):
-    pytest.importorskip("transformers")
-    rows = run_bench("bench_step.py", ["--contexts", "32", "--negatives", "2", "--vocabs", "50", "--response", "8",
-                                       "--dim", "64", "--layers", "1", "--rounds", "1"], tmp_path)
-    assert {r["method"] for r in rows} == {"authors", "ours"} and all(float(r["median_s"]) > 0 for r in rows)
-
-
 def test_bench_step_methods_compute_the_same_loss():
     pytest.importorskip("transformers")
     import inspect
@@ -78,17 +55,25 @@ def test_positions_coverage_script(tmp_path):
 
 
 def test_gpu_check_runs_every_step_on_cpu_and_skips_missing_peers_with_a_reason(tmp_path):
-    """make gpu-check's orchestration: the tests step, all three benchmarks (their CPU / interpreter variants),
-    the summary; Liger (Triton-only) and absent peers are skipped with a reason."""
+    """make gpu-check's orchestration: the tests step, every benchmark (their CPU / interpreter variants), the
+    summary; Liger (Triton-only) and absent peers are skipped with a reason. It is also the smoke test of
+    bench_linear_logprobs.py, bench_loss.py, bench_step.py and bench_attention.py: each wrote its CSV (with the
+    ratio columns) and PNG."""
     out = tmp_path / "gpu"
     result = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--cpu-smoke", "--repeats", "1",
                              "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    for name in ("summary.md", "environment.json", "tests.xml", "linear_logprobs.csv", "loss.csv", "step.csv"):
-        assert (out / name).is_file(), name
+    for name in ("summary.md", "environment.json", "tests.xml", "linear_logprobs.csv", "loss.csv", "step.csv",
+                 "attention.csv", "linear_logprobs.png", "loss.png", "step.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = {r["method"]: r for r in csv.DictReader(open(out / "linear_logprobs.csv"))}
+    assert rows["naive"]["time_vs_naive"] == "1.0" and float(rows["ours_torch"]["median_s"]) > 0
     assert float(rows["ours_triton"]["median_s"]) > 0 and float(rows["ours_triton_fast"]["median_s"]) > 0
     assert "Triton-only" in rows["liger"]["error"]
+    loss = {r["method"]: r for r in csv.DictReader(open(out / "loss.csv"))}
+    assert all(float(loss[m]["median_s"]) > 0 for m in ("naive", "ours"))
+    step = {r["method"]: r for r in csv.DictReader(open(out / "step.csv"))}
+    assert set(step) == {"authors", "ours"} and all(float(r["median_s"]) > 0 for r in step.values())
     summary = (out / "summary.md").read_text()
     assert "## Targets" in summary and "## One LOGO step" in summary
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from deepspeed_env import deepspeed_cpu_env
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -20,9 +21,7 @@ TINY = ["--warmup-copy-steps", "0", "--warmup-sft-steps", "0", "--eval-niah-leng
 
 
 def launch(out_dir, *args, processes=1):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   os.path.join(ROOT, ".cache", "torch_extensions")))
+    env = deepspeed_cpu_env(OMP_NUM_THREADS="1")
     if processes == 1:
         command = [sys.executable, "-m", "logo.train"]
     else:
@@ -74,9 +73,7 @@ def final_weights(run_dir):
 def test_hf_apply_with_a_trainable_head_under_zero3_matches_one_process(tmp_path):
     """hf.apply's fused loss under ZeRO-3 (the head partitioned, trainable; the op gathers it for the forward and
     again for the backward): 2 processes = 1 process, losses and every updated weight."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   os.path.join(ROOT, ".cache", "torch_extensions")))
+    env = deepspeed_cpu_env(OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "tests", "zero3_hf_apply_script.py")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     for command, out in (([sys.executable, script], "single.pt"),

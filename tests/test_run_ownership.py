@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from deepspeed_env import deepspeed_cpu_env
 
 pytest.importorskip("transformers")
 
@@ -339,8 +340,7 @@ def worker_of_rank(launcher_pid, rank):
 @pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)), reason="needs torchrun")
 def test_under_deepspeed_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     pytest.importorskip("deepspeed")
-    env = dict(ENV, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions")))
+    env = deepspeed_cpu_env(ENV)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     args = TINY + ["--max-steps", "30", "--save-every", "0", "--batch-rows", "1", "--deepspeed", "configs/zero2.json"]
     command = [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m",

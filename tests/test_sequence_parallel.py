@@ -15,15 +15,14 @@ import torch  # noqa: E402
 
 from logo.data.packing import pack_rows  # noqa: E402
 from logo.sequence_parallel import check_heads, shard  # noqa: E402
+from deepspeed_env import deepspeed_cpu_env  # noqa: E402
 from test_distributed import launch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(*args, timeout=600):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache",
-                                                                                       "torch_extensions")))
+    env = deepspeed_cpu_env(OMP_NUM_THREADS="1")
     runner = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     result = subprocess.run([runner, "--nproc_per_node", "2", "--master_port", str(29800 + os.getpid() % 150), *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

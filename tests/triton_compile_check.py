@@ -49,13 +49,22 @@ def compile_kernel(name: str, dtype: str, capability: int, config):
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
+def compile_row(job) -> str:
+    capability, name, dtype, index, config = job
+    compiled = compile_kernel(name, dtype, capability, config)
+    return json.dumps({"sm": capability, "dtype": dtype, "kernel": name, "config": index,
+                       "tile": [config.block_n, config.block_v, config.block_d],
+                       "shared_bytes": compiled.metadata.shared, "ptx": "ptx" in compiled.asm,
+                       "cubin": "cubin" in compiled.asm})
+
+
 if __name__ == "__main__":
-    for capability in (80, 90):
-        for (name, dtype), configs in GPU_CONFIGS.items():
-            for index, config in enumerate(configs if "--all" in sys.argv else configs[:1]):
-                compiled = compile_kernel(name, dtype, capability, config)
-                print(json.dumps({"sm": capability, "dtype": dtype, "kernel": name, "config": index,
-                                  "tile": [config.block_n, config.block_v, config.block_d],
-                                  "shared_bytes": compiled.metadata.shared, "ptx": "ptx" in compiled.asm,
-                                  "cubin": "cubin" in compiled.asm}))
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(capability, name, dtype, index, config) for capability in (80, 90)
+            for (name, dtype), configs in GPU_CONFIGS.items()
+            for index, config in enumerate(configs if "--all" in sys.argv else configs[:1])]
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:  # compiles are independent
+        for row in pool.map(compile_row, jobs):
+            print(row, flush=True)
     sys.exit(0)

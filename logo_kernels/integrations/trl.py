@@ -23,7 +23,6 @@ Everything else — which positions are scored, the loss, the metrics — stays 
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 from typing import Optional, Tuple
@@ -31,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..linear_logprobs import linear_logprobs
+from ._switch import enabled_block
 
 #: TRL versions whose ``add_fused_lm_head`` contract the tests run against (tests/test_trl_integration.py).
 TESTED_TRL_VERSIONS = ("1.16.0",)
@@ -114,13 +114,6 @@ def is_enabled() -> bool:
     return _saved is not None
 
 
-@contextlib.contextmanager
 def enabled(*, backend: str = "auto", allow_untested: bool = False):
     """``with enabled(): trainer.train()`` — TRL on our op inside the block only."""
-    was = is_enabled()
-    enable(backend=backend, allow_untested=allow_untested)
-    try:
-        yield
-    finally:
-        if not was:
-            disable()
+    return enabled_block(enable, disable, is_enabled, backend=backend, allow_untested=allow_untested)

@@ -45,7 +45,6 @@ VeOmni) have fused paths of their own that do not call these kernels.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
 import warnings
@@ -54,6 +53,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..linear_logprobs import linear_logprobs
+from ._switch import enabled_block
 
 #: verl versions whose fused-kernel contract the tests run against (tests/with_verl/).
 TESTED_VERL_VERSIONS = ("0.9.1",)
@@ -269,13 +269,6 @@ def is_enabled() -> bool:
     return _saved is not None
 
 
-@contextlib.contextmanager
 def enabled(*, backend: str = "auto", allow_untested: bool = False):
     """``with enabled(): ...`` — verl on our op inside the block only."""
-    was = is_enabled()
-    enable(backend=backend, allow_untested=allow_untested)
-    try:
-        yield
-    finally:
-        if not was:
-            disable()
+    return enabled_block(enable, disable, is_enabled, backend=backend, allow_untested=allow_untested)

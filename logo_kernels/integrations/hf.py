@@ -54,21 +54,33 @@ class HeadTransform:
     softcap: Optional[float] = None
     logit_scale: float = 1.0
 
+    #: config attributes that scale the logits after the head, in the order they are read: Cohere, Falcon-H1, Muse,
+    #: then Granite's and HyperCLOVA X's ``logits_scaling``
+    SCALE_ATTRIBUTES = ("logit_scale", "lm_head_multiplier", "output_multiplier", "logits_scaling")
     #: families whose ``logits_scaling`` multiplies the logits (MuP); Granite and the others divide by it
     MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 
+    @staticmethod
+    def text_config(config):
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @classmethod
+    def scale_attribute(cls, config) -> Optional[str]:
+        """The attribute of the (text) config that scales this model's logits, or None."""
+        text = cls.text_config(config)
+        return next((name for name in cls.SCALE_ATTRIBUTES if getattr(text, name, None) is not None), None)
+
     @classmethod
     def of(cls, config) -> "HeadTransform":
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        scale = None
-        for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):  # Cohere, Falcon-H1, Muse
-            if scale is None and getattr(text, name, None) is not None:
-                scale = float(getattr(text, name))
-        if scale is None and getattr(text, "logits_scaling", None) is not None:
+        text = cls.text_config(config)
+        name, scale = cls.scale_attribute(config), 1.0
+        if name == "logits_scaling":
             family = str(getattr(text, "model_type", "") or getattr(config, "model_type", ""))
             multiplies = family.startswith(cls.MULTIPLYING_LOGITS_SCALING)
             scale = float(text.logits_scaling) if multiplies else 1.0 / text.logits_scaling
-        return cls(getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else scale)
+        elif name is not None:
+            scale = float(getattr(text, name))
+        return cls(getattr(text, "final_logit_softcapping", None), scale)
 
 
 def causal_lm_parts(model) -> Tuple[torch.nn.Module, torch.nn.Module, HeadTransform]:

@@ -146,14 +146,12 @@ def _head_features(model) -> list:
     config = getattr(model, "config", None)
     found = []
     if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
         transform = HeadTransform.of(config)
         if transform.softcap is not None:
             found.append(f"final_logit_softcapping={transform.softcap}")
         if transform.logit_scale != 1.0:
-            name = next(n for n in ("logit_scale", "lm_head_multiplier", "logits_scaling")
-                        if getattr(text, n, None) is not None)
-            found.append(f"{name}={getattr(text, name)}")
+            name = HeadTransform.scale_attribute(config)
+            found.append(f"{name}={getattr(HeadTransform.text_config(config), name)}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and hasattr(head, "base_layer"):
         found.append("a LoRA adapter on lm_head")

@@ -12,6 +12,11 @@ PYTEST_ARGS ?=
 
 PIN    := -c constraints.txt
 
+# $(call freeze,PYTHON,FILE): rewrites FILE as its two header lines + PYTHON's exact versions (not this package,
+# editable or seen through verl's .pth; the CPU wheel's +cpu suffix dropped)
+freeze = { head -2 $(2); $(1) -m pip freeze --exclude-editable | grep -v -e '@ file' -e '^logo-kernels==' | \
+           sed 's/+cpu$$//'; } > $(2).tmp && mv $(2).tmp $(2)
+
 .PHONY: install train test test-slow test-slow-ci lint wheel-check ci bench constraints gpu-wheels gpu-check clean \
         verl-env test-verl verl-constraints bench-verl
 
@@ -83,8 +88,7 @@ bench-verl: $(VERL_STAMP)
 	$(VERL_PY) bench/bench_verl.py $(ARGS)
 
 verl-constraints: $(VERL_STAMP)
-	{ head -2 constraints-verl.txt; $(VERL_PY) -m pip freeze --exclude-editable | grep -v '@ file' | sed 's/+cpu$$//'; \
-	  } > constraints-verl.txt.tmp && mv constraints-verl.txt.tmp constraints-verl.txt
+	$(call freeze,$(VERL_PY),constraints-verl.txt)
 
 # What .ci/run runs: the suite, the lint and link check, the installed-wheel smoke test, verl's tests in its own
 # environment, the CI slow stage.
@@ -92,8 +96,7 @@ ci: test lint wheel-check test-verl test-slow-ci
 
 # Regenerates constraints.txt from the current environment (after changing a version on purpose).
 constraints: $(STAMP)
-	{ head -2 constraints.txt; $(PIP) freeze --exclude-editable | grep -v '@ file' | sed 's/+cpu$$//'; \
-	  } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	$(call freeze,$(PY),constraints.txt)
 
 bench: $(STAMP)
 	$(PY) bench/bench_linear_logprobs.py --quick

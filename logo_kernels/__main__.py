@@ -65,7 +65,6 @@ def report() -> Dict[str, object]:
     from .integrations.trl import TESTED_TRL_VERSIONS
     from .integrations.verl import TESTED_VERL_VERSIONS
 
-    trl_version, verl_version = _installed("trl"), _installed("verl")
     return {
         "logo-kernels": __version__,
         "python": sys.version.split()[0],
@@ -82,13 +81,17 @@ def report() -> Dict[str, object]:
         "extension": {"path": spec.origin if spec else None,
                       "built for torch": cpp.built_torch_version(spec.origin if spec else None)},
         "peers": {name: _installed(name) for name in PEERS},
-        "trl integration": (None if trl_version is None else
-                            "tested version" if trl_version in TESTED_TRL_VERSIONS else
-                            f"untested ({trl_version}; tested: {', '.join(TESTED_TRL_VERSIONS)})"),
-        "verl integration": (None if verl_version is None else
-                             "tested version" if verl_version in TESTED_VERL_VERSIONS else
-                             f"untested ({verl_version}; tested: {', '.join(TESTED_VERL_VERSIONS)})"),
+        "trl integration": _integration_status("trl", TESTED_TRL_VERSIONS),
+        "verl integration": _integration_status("verl", TESTED_VERL_VERSIONS),
     }
+
+
+def _integration_status(peer: str, tested: tuple) -> Optional[str]:
+    """Whether the installed ``peer`` is one its drop-in was tested with (None: not installed)."""
+    version = _installed(peer)
+    if version is None:
+        return None
+    return "tested version" if version in tested else f"untested ({version}; tested: {', '.join(tested)})"
 
 
 def format_report(data: Dict[str, object]) -> str:

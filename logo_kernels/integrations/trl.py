@@ -24,13 +24,12 @@ Everything else — which positions are scored, the loss, the metrics — stays 
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Optional, Tuple
 
 import torch
 
 from ..linear_logprobs import linear_logprobs
-from ._switch import enabled_block
+from ._dropin import check_contract, enabled_block, restore_attributes
 
 #: TRL versions whose ``add_fused_lm_head`` contract the tests run against (tests/test_trl_integration.py).
 TESTED_TRL_VERSIONS = ("1.16.0",)
@@ -78,12 +77,7 @@ def _check_version(allow_untested: bool):
     elif kernel is not LogoChunkedLogProb and tuple(inspect.signature(kernel.forward).parameters) != _KERNEL_PARAMETERS:
         problems.append(f"TRL's kernel takes {tuple(inspect.signature(kernel.forward).parameters)}, not "
                         f"{_KERNEL_PARAMETERS}")
-    if problems:
-        message = "; ".join(problems) + " — the fused-LM-head contract may differ"
-        if not allow_untested:
-            raise RuntimeError(f"logo_kernels.integrations.trl: {message}. Install trl=={TESTED_TRL_VERSIONS[-1]} "
-                               "or pass allow_untested=True")
-        warnings.warn(f"logo_kernels.integrations.trl: {message}", RuntimeWarning, stacklevel=3)
+    check_contract("trl", "fused-LM-head", problems, allow_untested, f"trl=={TESTED_TRL_VERSIONS[-1]}")
     return trl_utils
 
 
@@ -93,7 +87,8 @@ def enable(*, backend: str = "auto", allow_untested: bool = False) -> None:
     trl_utils = _check_version(allow_untested)
     LogoChunkedLogProb.backend = backend
     if _saved is None:
-        _saved = {"_ChunkedLogProbFunction": trl_utils._ChunkedLogProbFunction, "_use_triton": trl_utils._use_triton}
+        _saved = {(trl_utils, "_ChunkedLogProbFunction"): trl_utils._ChunkedLogProbFunction,
+                  (trl_utils, "_use_triton"): trl_utils._use_triton}
     trl_utils._ChunkedLogProbFunction = LogoChunkedLogProb
     trl_utils._use_triton = _compact_everywhere
 
@@ -103,10 +98,7 @@ def disable() -> None:
     global _saved
     if _saved is None:
         return
-    import trl.trainer.utils as trl_utils
-
-    for name, value in _saved.items():
-        setattr(trl_utils, name, value)
+    restore_attributes(_saved)
     _saved = None
 
 

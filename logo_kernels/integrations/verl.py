@@ -53,7 +53,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..linear_logprobs import linear_logprobs
-from ._switch import enabled_block
+from ._dropin import check_contract, enabled_block, restore_attributes
 
 #: verl versions whose fused-kernel contract the tests run against (tests/with_verl/).
 TESTED_VERL_VERSIONS = ("0.9.1",)
@@ -225,12 +225,7 @@ def _modules(allow_untested: bool):
             found = tuple(inspect.signature(function).parameters) if function is not None else ()
             if found != _CE_PARAMETERS:
                 problems.append(f"verl's LinearCrossEntropy.forward takes {found}, not {_CE_PARAMETERS}")
-    if problems:
-        message = "; ".join(problems) + " — the fused-kernel contract may differ"
-        if not allow_untested:
-            raise RuntimeError(f"logo_kernels.integrations.verl: {message}. Install verl=={TESTED_VERL_VERSIONS[-1]} "
-                               "or pass allow_untested=True")
-        warnings.warn(f"logo_kernels.integrations.verl: {message}", RuntimeWarning, stacklevel=3)
+    check_contract("verl", "fused-kernel", problems, allow_untested, f"verl=={TESTED_VERL_VERSIONS[-1]}")
     return monkey_patch, torch_functional, lce
 
 
@@ -258,8 +253,7 @@ def disable() -> None:
     global _saved
     if _saved is None:
         return
-    for (module, name), value in _saved.items():
-        setattr(module, name, value)
+    restore_attributes(_saved)
     _saved = None
 
 

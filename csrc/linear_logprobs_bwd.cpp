@@ -8,9 +8,155 @@
 // vocabulary: it writes its rows of dW / db alone, and accumulates dH for the current token superblock in
 // its own fp32 buffer (slice 0 writes straight into the output). The superblock size bounds those buffers
 // (`workspace_bytes`).
+//
+// Filtered (`live` from the forward): the walk goes over vocabulary tiles (of the forward's `order`) and, in each,
+// over the tokens whose (token, tile) pair is live only: a run of consecutive live tokens is a view of H, any
+// other set is gathered (index_select) into a contiguous block, its dH rows scattered back with index_add_. A
+// skipped pair costs nothing — neither its logits nor its products. Every entry of a skipped pair has
+// p < filter_eps and is not the target, so its dL/dx lies below chain * filter_eps * (|a| + |c| ln(1/filter_eps)).
 #include "linear_logprobs.h"
 
+#include <vector>
+
 namespace logo_kernels {
+
+namespace {
+
+// The per-token coefficients of dL/dx, with the chain factor folded in:
+// dZ = slope * (p * (coef_a + coef_c * log p) + coef_t * onehot).
+struct Coefficients {
+  at::Tensor a, c, t;  // [n] fp32; c undefined without an entropy gradient
+  at::Tensor lse;      // [n] fp32
+};
+
+// dZ of one tile in place: x holds the transformed logits of the rows whose coefficients are the [rows] tensors
+// a, c (or undefined), t and lse; `targets_at` the target's column in the tile per row (-1 when outside);
+// `slope` the softcap slope tile (undefined without a softcap); `weights` a scratch tile when c is defined.
+inline void grad_logits_tile(at::Tensor& x, const at::Tensor& a, const at::Tensor& c, const float* t,
+                             const at::Tensor& lse, const int64_t* targets_at, const at::Tensor& slope,
+                             at::Tensor& weights) {
+  x.sub_(lse.unsqueeze(1));  // x <- log p
+  if (c.defined()) {         // weights = a + c * max(log p, floor); x <- p * weights
+    at::clamp_min_out(weights, x, kLogZeroFloor);
+    weights.mul_(c.unsqueeze(1)).add_(a.unsqueeze(1));
+    x.exp_().mul_(weights);
+  } else {
+    x.exp_().mul_(a.unsqueeze(1));
+  }
+  float* xp = x.data_ptr<float>();
+  const int64_t cols = x.size(1);
+  for (int64_t r = 0; r < x.size(0); ++r) {
+    if (targets_at[r] >= 0) xp[r * cols + targets_at[r]] += t[r];
+  }
+  if (slope.defined()) x.mul_(slope);
+}
+
+}  // namespace
+
+// The filtered backward (see the file comment): same results as the unfiltered one on every live pair.
+static void filtered_backward(const Coefficients& co, const at::Tensor& h32, const at::Tensor& w, const float* bias,
+                              const at::Tensor& target_pos, const LogitTransform& tf, const VocabOrder& order,
+                              const at::Tensor& live, int64_t bn, int64_t bv, int64_t slices, int64_t sb,
+                              at::Tensor& dh32, at::Tensor& dw32, at::Tensor& db32) {
+  const int64_t n = h32.size(0);
+  const int64_t dim = h32.size(1);
+  const int64_t vocab = w.size(0);
+  const int64_t num_tiles = live.size(1);
+  const bool need_hidden = dh32.defined(), need_weight = dw32.defined(), need_bias = db32.defined();
+  const auto f32 = h32.options().dtype(at::kFloat);
+  const auto i64 = h32.options().dtype(at::kLong);
+  const bool* live_p = live.data_ptr<bool>();
+  const int64_t* tpos = target_pos.data_ptr<int64_t>();
+  const float* ct_all = co.t.data_ptr<float>();
+  for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
+    const int64_t nsb = std::min(sb, n - sb0);
+    std::vector<at::Tensor> dh_partial(slices);
+    at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
+      const BelowAutogradGuard below_autograd;
+      const at::Tensor x_buf = at::empty({bn * bv}, f32);
+      const at::Tensor slope_buf = tf.has_softcap() ? at::empty({bn * bv}, f32) : at::Tensor();
+      const at::Tensor weights_buf = co.c.defined() ? at::empty({bn * bv}, f32) : at::Tensor();
+      const at::Tensor rows_buf = at::empty({bn}, i64);
+      const at::Tensor dw_tile = need_weight && order.defined() ? at::empty({bv, dim}, f32) : at::Tensor();
+      const at::Tensor db_tile = need_bias && order.defined() ? at::empty({bv}, f32) : at::Tensor();
+      std::vector<float> bias_buf(bias != nullptr && order.defined() ? bv : 0);
+      std::vector<int64_t> targets_at(bn);
+      std::vector<float> coef_t(bn);
+      for (int64_t s = s_begin; s < s_end; ++s) {
+        if (need_hidden) dh_partial[s] = s == 0 ? dh32.narrow(0, sb0, nsb) : at::zeros({nsb, dim}, f32);
+        const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
+        for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
+          const int64_t cur_bv = std::min(bv, slice.end - v0);
+          const int64_t tile = v0 / bv;
+          at::Tensor wt;  // built at the first live token of the tile
+          const float* bt = nullptr;
+          at::Tensor dw_acc = need_weight ? (order.defined() ? dw_tile.narrow(0, 0, cur_bv) : dw32.narrow(0, v0, cur_bv))
+                                          : at::Tensor();
+          at::Tensor db_acc = need_bias ? (order.defined() ? db_tile.narrow(0, 0, cur_bv) : db32.narrow(0, v0, cur_bv))
+                                        : at::Tensor();
+          bool visited = false;
+          int64_t next = sb0;  // the next token of the superblock to look at
+          while (next < sb0 + nsb) {
+            // gather up to bn live tokens of this tile, starting at `next`
+            int64_t* rows = rows_buf.data_ptr<int64_t>();
+            int64_t k = 0;
+            for (; next < sb0 + nsb && k < bn; ++next) {
+              if (live_p[next * num_tiles + tile]) rows[k++] = next;
+            }
+            if (k == 0) break;
+            if (!visited) {
+              visited = true;
+              wt = weight_tile_fp32(w, v0, cur_bv, order).contiguous();
+              bt = bias_tile(bias, v0, cur_bv, order, bias_buf.data());
+              if (order.defined()) {
+                if (need_weight) dw_acc.zero_();
+                if (need_bias) db_acc.zero_();
+              }
+            }
+            const bool contiguous = rows[k - 1] - rows[0] == k - 1;
+            const at::Tensor idx = rows_buf.narrow(0, 0, k);
+            const at::Tensor h_rows = contiguous ? h32.narrow(0, rows[0], k) : h32.index_select(0, idx);
+            auto pick = [&](const at::Tensor& v) {
+              return !v.defined() ? at::Tensor() : contiguous ? v.narrow(0, rows[0], k) : v.index_select(0, idx);
+            };
+            for (int64_t r = 0; r < k; ++r) {
+              const int64_t at_col = tpos[rows[r]] - v0;
+              targets_at[r] = at_col >= 0 && at_col < cur_bv ? at_col : -1;
+              coef_t[r] = ct_all[rows[r]];
+            }
+            auto tile_of = [&](const at::Tensor& b) {
+              return b.defined() ? b.narrow(0, 0, k * cur_bv).view({k, cur_bv}) : at::Tensor();
+            };
+            at::Tensor x = tile_of(x_buf);
+            at::Tensor slope = tile_of(slope_buf);
+            at::Tensor weights = tile_of(weights_buf);
+            compute_logits_tile(x, h_rows, wt, bt, tf, slope.defined() ? &slope : nullptr);
+            grad_logits_tile(x, pick(co.a), pick(co.c), coef_t.data(), pick(co.lse), targets_at.data(), slope, weights);
+            if (need_hidden) {
+              at::Tensor& acc = dh_partial[s];
+              if (contiguous) {
+                acc.narrow(0, rows[0] - sb0, k).addmm_(x, wt);
+              } else {
+                acc.index_add_(0, idx - sb0, at::mm(x, wt));
+              }
+            }
+            if (need_weight) dw_acc.addmm_(x.t(), h_rows);
+            if (need_bias) db_acc.add_(x.sum(0));
+          }
+          if (visited && order.defined()) {  // this slice alone owns these rows of dW / dBias
+            const at::Tensor ids = order.ids_tensor(v0, cur_bv);
+            if (need_weight) dw32.index_add_(0, ids, dw_acc);
+            if (need_bias) db32.index_add_(0, ids, db_acc);
+          }
+        }
+      }
+    });
+    if (need_hidden) {
+      at::Tensor out = dh32.narrow(0, sb0, nsb);
+      for (int64_t s = 1; s < slices; ++s) out.add_(dh_partial[s]);
+    }
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_lse,
@@ -18,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     const std::optional<at::Tensor>& entropy, double logit_scale, double inv_temperature, double softcap,
     int64_t block_tokens, int64_t block_vocab, bool need_hidden, bool need_weight, bool need_bias,
-    int64_t workspace_bytes) {
+    int64_t workspace_bytes, const std::optional<at::Tensor>& live, const std::optional<at::Tensor>& order_arg) {
   check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
   const int64_t n = hidden.size(0);
   const int64_t dim = hidden.size(1);
@@ -72,11 +218,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   const int64_t sb = superblock_tokens(n, dh_bytes_per_token, bn, workspace_bytes);
   const int scratch_tiles = (tf.has_softcap() ? 1 : 0) + (with_entropy ? 1 : 0);
 
+  TORCH_CHECK(live.has_value() || !order_arg.has_value(), "a vocabulary order is only used with filtering");
+  if (live.has_value()) {
+    TORCH_CHECK(live->scalar_type() == at::kBool && live->dim() == 2 && live->size(0) == n &&
+                    live->size(1) == ceil_div(vocab, bv) && live->is_contiguous(),
+                "live must be the forward's contiguous bool [N, ceil(V / block_vocab)]");
+    const VocabOrder order = VocabOrder::of(order_arg, vocab);
+    const Coefficients co{coef_a, coef_c, coef_t, lse32};
+    filtered_backward(co, h32, w, bias_ptr, order.positions_of(targets), tf, order, live->contiguous(), bn, bv,
+                      slices, sb, dh32, dw32, db32);
+    return finish();
+  }
+
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> dh_partial(slices);
     walk_superblock(
-        h32, w, bias_ptr, tf, sb0, nsb, bn, bv, slices, scratch_tiles, tf.has_softcap(),
+        h32, w, bias_ptr, tf, VocabOrder{}, sb0, nsb, bn, bv, slices, scratch_tiles, tf.has_softcap(),
         [&](int64_t s) {
           if (need_hidden) dh_partial[s] = s == 0 ? dh32.narrow(0, sb0, nsb) : at::zeros({nsb, dim}, f32);
         },

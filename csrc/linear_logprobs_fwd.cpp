@@ -18,6 +18,11 @@
 // elementwise expression of the upstream gradients (see logo_kernels/linear_logprobs.py): the backward
 // needs no GEMM. Tokens then go in superblocks so that the per-slice [superblock, D] accumulators fit
 // `workspace_bytes`.
+//
+// Gradient filtering (`filter`): the vocabulary is walked in `order` (a permutation, e.g. by mean logit; the
+// identity when undefined) in tiles of `block_vocab` rows, and the forward records each token's maximum logit per
+// tile. Once the superblock's log-sum-exp is known it returns live[t, b] = max_{j in tile b} x_tj - lse_t >=
+// log_filter_eps, or tile b holds the target of t: the backward skips every (token, tile) pair that is not live.
 #include "linear_logprobs.h"
 
 #include <limits>
@@ -34,11 +39,12 @@ struct SliceStats {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& targets, double logit_scale, double inv_temperature, double softcap,
                         int64_t block_tokens, int64_t block_vocab, bool with_basis, bool want_entropy,
-                        bool want_log_sum_sq, bool want_mean, bool want_top1, int64_t workspace_bytes) {
+                        bool want_log_sum_sq, bool want_mean, bool want_top1, int64_t workspace_bytes, bool filter,
+                        double log_filter_eps, const std::optional<at::Tensor>& order_arg) {
   check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
   const int64_t n = hidden.size(0);
   const int64_t dim = hidden.size(1);
@@ -52,21 +58,28 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
   at::Tensor log_sum_sq = want_log_sum_sq ? at::empty({n}, f32) : none();
   at::Tensor mean_logits = want_mean ? at::empty({n}, f32) : none();
   at::Tensor is_top1 = want_top1 ? at::empty({n}, hidden.options().dtype(at::kBool)) : at::empty({0}, at::kBool);
-  auto result = [&]() { return std::make_tuple(logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1); };
+  const int64_t bv = std::min(block_vocab, vocab);
+  const int64_t num_tiles = ceil_div(vocab, bv);
+  at::Tensor live = filter ? at::zeros({n, num_tiles}, hidden.options().dtype(at::kBool)) : at::empty({0}, at::kBool);
+  auto result = [&]() { return std::make_tuple(logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1, live); };
   if (n == 0) return result();
 
   const at::Tensor h32 = hidden.detach().to(at::kFloat).contiguous();
   const at::Tensor w = weight.detach().contiguous();
   const at::Tensor b32 = bias.has_value() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  TORCH_CHECK(filter || !order_arg.has_value(), "a vocabulary order is only used with filtering");
+  const VocabOrder order = VocabOrder::of(order_arg, vocab);
   const int64_t* tgt = targets.data_ptr<int64_t>();
+  const at::Tensor target_pos = order.positions_of(targets);  // where each target sits in the walk order
+  const int64_t* tpos = target_pos.data_ptr<int64_t>();
   const LogitTransform tf{logit_scale, inv_temperature, softcap};
 
   const int64_t bn = std::min(block_tokens, n);
-  const int64_t bv = std::min(block_vocab, vocab);
   const int64_t slices = num_vocab_slices(vocab, bv);
   const int64_t basis_bytes_per_token = with_basis ? slices * dim * static_cast<int64_t>(sizeof(float)) : 0;
-  const int64_t sb = superblock_tokens(n, basis_bytes_per_token, bn, workspace_bytes);
+  const int64_t tile_max_bytes_per_token = filter ? num_tiles * static_cast<int64_t>(sizeof(float)) : 0;
+  const int64_t sb = superblock_tokens(n, basis_bytes_per_token + tile_max_bytes_per_token, bn, workspace_bytes);
   // The floor keeps exp(m_old - m_new) finite when a whole tile is -inf (e.g. a bias that masks tokens out).
   const float floor = std::numeric_limits<float>::lowest();
   SliceStats st;
@@ -86,8 +99,10 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> basis_partial(slices);
+    // the maximum logit of each (token of the superblock, tile): [nsb, tiles]
+    const at::Tensor tile_max = filter ? at::empty({nsb, num_tiles}, f32) : at::Tensor();
     walk_superblock(
-        h32, w, bias_ptr, tf, sb0, nsb, bn, bv, slices, scratch_tiles, need_slope,
+        h32, w, bias_ptr, tf, order, sb0, nsb, bn, bv, slices, scratch_tiles, need_slope,
         [&](int64_t s) {
           if (with_basis) basis_partial[s] = at::zeros({nsb, dim}, f32);
         },
@@ -97,9 +112,14 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
           float* max_before = want_top1 ? st.max_before.select(0, t.slice).data_ptr<float>() : nullptr;
           for (int64_t r = 0; r < t.cur_bn; ++r) {
             const int64_t target = tgt[t.n0 + r];
+            const int64_t pos = tpos[t.n0 + r];
             const float* row = xp + r * t.cur_bv;
-            if (target >= t.v0 && target < t.v0 + t.cur_bv) tl[t.n0 + r] = row[target - t.v0];
-            if (max_before != nullptr && target > t.v0) {
+            if (pos >= t.v0 && pos < t.v0 + t.cur_bv) tl[t.n0 + r] = row[pos - t.v0];
+            if (max_before != nullptr && t.ids != nullptr) {  // "before" = a smaller vocabulary id, not position
+              float mb = max_before[t.n0 + r];
+              for (int64_t c = 0; c < t.cur_bv; ++c) mb = (t.ids[c] < target && row[c] > mb) ? row[c] : mb;
+              max_before[t.n0 + r] = mb;
+            } else if (max_before != nullptr && target > t.v0) {
               const int64_t k = std::min(target - t.v0, t.cur_bv);
               float mb = max_before[t.n0 + r];
               for (int64_t c = 0; c < k; ++c) mb = row[c] > mb ? row[c] : mb;
@@ -110,7 +130,9 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
           const at::Tensor& slope = t.scratch;
           at::Tensor m_old = st.max.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
           at::Tensor sum = st.sum.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
-          at::Tensor m_new = at::maximum(m_old, x.amax(1)).clamp_min_(floor);  // amax: no argmax work
+          const at::Tensor x_max = x.amax(1);  // amax: no argmax work
+          if (filter) tile_max.select(1, t.v0 / bv).narrow(0, t.n0 - sb0, t.cur_bn).copy_(x_max);
+          at::Tensor m_new = at::maximum(m_old, x_max).clamp_min_(floor);
           const at::Tensor rescale = (m_old - m_new).exp_();
           x.sub_(m_new.unsqueeze(1));  // x <- y = x - m_new
           at::Tensor e = x;
@@ -146,6 +168,12 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
     const at::Tensor total = (rsum * weights).sum(0);
     at::Tensor lse_sb = lse.narrow(0, sb0, nsb);
     lse_sb.copy_(m + total.log());
+    if (filter) {  // live = the tile's max log-prob reaches the threshold, or the tile holds the target
+      at::Tensor live_sb = live.narrow(0, sb0, nsb);
+      live_sb.copy_((tile_max - lse_sb.unsqueeze(1)).ge_(log_filter_eps));
+      const at::Tensor target_tile = target_pos.narrow(0, sb0, nsb).div(bv, "floor").unsqueeze(1);
+      live_sb.scatter_(1, target_tile, true);
+    }
     if (want_entropy) {  // T = sum_s w_s (T_s + (m_s - m) S_s);  H = log S - T / S
       const at::Tensor shift = at::where(rsum > 0, (rmax - m.unsqueeze(0)) * rsum, at::zeros_like(rsum));
       const at::Tensor t_all = ((st.ent.narrow(1, sb0, nsb) + shift) * weights).sum(0);

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 namespace logo_kernels {
 
@@ -63,18 +65,55 @@ inline int64_t superblock_tokens(int64_t n, int64_t bytes_per_token, int64_t bn,
   return std::min(n, std::max(bn, fit / bn * bn));
 }
 
-// W rows [v0, v0 + bv) as an fp32 contiguous tile (a view when W is already fp32).
-inline at::Tensor weight_tile_fp32(const at::Tensor& weight, int64_t v0, int64_t bv) {
-  at::Tensor tile = weight.narrow(0, v0, bv);
+// The vocabulary order of a walk: tiles hold the rows order[v0 : v0 + bv] of W (a gathered copy), or the rows
+// [v0, v0 + bv) when the order is undefined (the identity). `position[id]` is where vocabulary row `id` sits.
+struct VocabOrder {
+  at::Tensor order;     // [V] int64 permutation, or undefined
+  at::Tensor position;  // [V] int64 inverse permutation, or undefined
+  bool defined() const { return order.defined(); }
+  const int64_t* ids(int64_t v0) const { return defined() ? order.data_ptr<int64_t>() + v0 : nullptr; }
+  at::Tensor ids_tensor(int64_t v0, int64_t bv) const { return order.narrow(0, v0, bv); }
+  // the position of each of `targets` in this order (the targets themselves without an order)
+  at::Tensor positions_of(const at::Tensor& targets) const {
+    return defined() ? position.index_select(0, targets).contiguous() : targets;
+  }
+  static VocabOrder of(const std::optional<at::Tensor>& order, int64_t vocab) {
+    VocabOrder o;
+    if (!order.has_value()) return o;
+    TORCH_CHECK(order->dim() == 1 && order->size(0) == vocab && order->scalar_type() == at::kLong,
+                "order must be an int64 permutation of the vocabulary [V]");
+    o.order = order->contiguous();
+    o.position = at::empty_like(o.order);
+    o.position.index_copy_(0, o.order, at::arange(vocab, o.order.options()));
+    TORCH_CHECK(o.position.index_select(0, o.order).equal(at::arange(vocab, o.order.options())),
+                "order must be a permutation of [0, V)");
+    return o;
+  }
+};
+
+// W rows of the tile at [v0, v0 + bv) of the walk order, as an fp32 contiguous tile (a view when W is already
+// fp32 and the order is the identity).
+inline at::Tensor weight_tile_fp32(const at::Tensor& weight, int64_t v0, int64_t bv, const VocabOrder& order) {
+  at::Tensor tile = order.defined() ? weight.index_select(0, order.ids_tensor(v0, bv)) : weight.narrow(0, v0, bv);
   return tile.scalar_type() == at::kFloat ? tile : tile.to(at::kFloat);
 }
 
-// out[bn, bv] = transform(h_block @ w_tile^T + bias[v0:v0+bv]); h_block and w_tile fp32 contiguous. With a
+// The bias values of the tile at [v0, v0 + bv) of the walk order: a pointer into the bias, or into `scratch`
+// ([>= bv] floats) where they were gathered; nullptr without a bias.
+inline const float* bias_tile(const float* bias, int64_t v0, int64_t bv, const VocabOrder& order, float* scratch) {
+  if (bias == nullptr) return nullptr;
+  if (!order.defined()) return bias + v0;
+  const int64_t* ids = order.ids(v0);
+  for (int64_t c = 0; c < bv; ++c) scratch[c] = bias[ids[c]];
+  return scratch;
+}
+
+// out[bn, bv] = transform(h_block @ w_tile^T + bias_tile); h_block and w_tile fp32 contiguous, bias_tile [bv] or null. With a
 // defined `slope` (same shape) and a softcap, also slope = 1 - tanh^2(u) = 1 / cosh^2(u) of the pre-cap value
 // u = logit_scale * z / softcap: exact where the cap saturates (1 - tanh^2 from the capped logit would cancel to
 // noise there), and cosh^2 overflowing to inf gives the right 0.
 inline void compute_logits_tile(at::Tensor& out, const at::Tensor& h_block, const at::Tensor& w_tile,
-                                const float* bias, int64_t v0, const LogitTransform& tf, at::Tensor* slope = nullptr) {
+                                const float* bias, const LogitTransform& tf, at::Tensor* slope = nullptr) {
   at::mm_out(out, h_block, w_tile.t());
   const int64_t rows = out.size(0);
   const int64_t cols = out.size(1);
@@ -86,7 +125,7 @@ inline void compute_logits_tile(at::Tensor& out, const at::Tensor& h_block, cons
     for (int64_t r = 0; r < rows; ++r) {
       float* row = x + r * cols;
       if (bias != nullptr) {
-        const float* b = bias + v0;
+        const float* b = bias;
         for (int64_t c = 0; c < cols; ++c) row[c] = (row[c] + b[c]) * pre;
       } else {
         for (int64_t c = 0; c < cols; ++c) row[c] *= pre;
@@ -113,6 +152,7 @@ constexpr double kLogZeroFloor = -200.0;
 // `slope_in_scratch` the first holds the softcap slope of the tile.
 struct TileVisit {
   int64_t slice, v0, cur_bv, n0, cur_bn;
+  const int64_t* ids;  // the vocabulary ids of the tile's columns (order[v0:]), nullptr for the identity order
   at::Tensor& logits;
   const at::Tensor& w_tile;
   const at::Tensor& h_block;
@@ -127,8 +167,8 @@ struct TileVisit {
 // recomputes the forward's logits bitwise (softmax(x - lse) is exact where it should be).
 template <typename OnSlice, typename OnTile>
 void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bias, const LogitTransform& tf,
-                     int64_t sb0, int64_t nsb, int64_t bn, int64_t bv, int64_t slices, int scratch_tiles,
-                     bool slope_in_scratch, OnSlice&& on_slice, OnTile&& on_tile) {
+                     const VocabOrder& order, int64_t sb0, int64_t nsb, int64_t bn, int64_t bv, int64_t slices,
+                     int scratch_tiles, bool slope_in_scratch, OnSlice&& on_slice, OnTile&& on_tile) {
   const int64_t vocab = w.size(0);
   const auto f32 = h32.options().dtype(at::kFloat);
   at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
@@ -136,12 +176,14 @@ void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bi
     const at::Tensor buf = at::empty({bn * bv}, f32);
     const at::Tensor scratch_buf = scratch_tiles >= 1 ? at::empty({bn * bv}, f32) : at::Tensor();
     const at::Tensor scratch2_buf = scratch_tiles >= 2 ? at::empty({bn * bv}, f32) : at::Tensor();
+    std::vector<float> bias_buf(bias != nullptr && order.defined() ? bv : 0);
     for (int64_t s = s_begin; s < s_end; ++s) {
       on_slice(s);
       const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
       for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
         const int64_t cur_bv = std::min(bv, slice.end - v0);
-        const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv).contiguous();
+        const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv, order).contiguous();
+        const float* bt = bias_tile(bias, v0, cur_bv, order, bias_buf.data());
         for (int64_t n0 = sb0; n0 < sb0 + nsb; n0 += bn) {
           const int64_t cur_bn = std::min(bn, sb0 + nsb - n0);
           const at::Tensor h_block = h32.narrow(0, n0, cur_bn);
@@ -151,8 +193,8 @@ void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bi
           };
           at::Tensor scratch = tile_of(scratch_buf);
           at::Tensor scratch2 = tile_of(scratch2_buf);
-          compute_logits_tile(x, h_block, wt, bias, v0, tf, slope_in_scratch ? &scratch : nullptr);
-          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, x, wt, h_block, scratch, scratch2});
+          compute_logits_tile(x, h_block, wt, bt, tf, slope_in_scratch ? &scratch : nullptr);
+          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, order.ids(v0), x, wt, h_block, scratch, scratch2});
         }
       }
     }

@@ -134,6 +134,34 @@ def check_transform(temperature, softcap, logit_scale=1.0) -> None:
     _positive_finite("logit_scale", logit_scale)
 
 
+#: Largest explicit ``filter_eps``: above it the skipped entries are no longer a rounding error's worth.
+MAX_FILTER_EPS = 2.0**-7
+
+
+def auto_filter_eps(*dtypes: torch.dtype) -> float:
+    """``filter_eps="auto"``: finfo(eps) / 32 of the least precise of ``dtypes`` — 2^-12 for bf16, 2^-15 for fp16,
+    2^-28 for fp32, 2^-57 for fp64 (Cut-Cross-Entropy's rule): an entry skipped this way is at most 1/32 of a unit
+    in the last place of the largest probability (<= 1) the dtype can hold."""
+    return max(torch.finfo(d).eps for d in dtypes) / 32
+
+
+def check_filter_eps(filter_eps, *dtypes: torch.dtype) -> Optional[float]:
+    """``filter_eps``: None (exact), "auto" (:func:`auto_filter_eps`) or a float in (0, MAX_FILTER_EPS] -> float."""
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"filter_eps must be None, 'auto' or a float in (0, 2^-7], got {filter_eps!r}")
+        return auto_filter_eps(*dtypes)
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)):
+        raise TypeError(f"filter_eps must be None, 'auto' or a float in (0, 2^-7], got {filter_eps!r}")
+    value = float(filter_eps)
+    if not (0.0 < value <= MAX_FILTER_EPS):  # also refuses NaN
+        raise ValueError(f"filter_eps must lie in (0, 2^-7 = {MAX_FILTER_EPS}] (None for exact gradients), "
+                         f"got {filter_eps!r}")
+    return value
+
+
 def check_outputs(outputs) -> Optional[tuple]:
     """``outputs``: None or a non-empty sequence of distinct names from OUTPUT_NAMES -> a tuple."""
     if outputs is None:

@@ -14,9 +14,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _zero3
-from ._validation import (canonical_targets, check_finite_inputs, check_finite_lse, check_ignore_index,
-                          check_linear_inputs, check_outputs, check_target_range, check_transform)
-from .backends import Backend, GradsNeeded, KernelOptions, LogitTransform, resolve_backend
+from ._validation import (canonical_targets, check_filter_eps, check_finite_inputs, check_finite_lse,
+                          check_ignore_index, check_linear_inputs, check_outputs, check_target_range, check_transform)
+from .backends import Backend, Filter, GradsNeeded, KernelOptions, LogitTransform, mean_logit_order, resolve_backend
 
 #: Environment default of ``deterministic`` (the Triton backward without atomics); "0" selects the faster one.
 DETERMINISTIC_ENV = "LOGO_KERNELS_DETERMINISTIC"
@@ -115,11 +115,13 @@ class _LinearLogprobs(torch.autograd.Function):
     three. An entropy gradient needs the logits again: it takes the recomputing backward (the basis would need a
     second [n, D] accumulator and a third GEMM in the forward, costing what the recomputation costs).
     Under ZeRO-3 the head is gathered in the forward and again in a recomputing backward.
+    With ``filter_eps`` the vocabulary order (by mean logit) is computed before the backend's forward, which
+    returns what its recomputing backward may skip (the frozen head's elementwise backward is exact anyway).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int, transform: LogitTransform,
-                backend: Backend, options: KernelOptions, stats: frozenset):
+                backend: Backend, options: KernelOptions, stats: frozenset, filter_eps: Optional[float]):
         n = hidden.shape[0]
         kept = (targets != ignore_index).nonzero().squeeze(1)
         compact = kept.numel() != n
@@ -127,9 +129,13 @@ class _LinearLogprobs(torch.autograd.Function):
         t = targets.index_select(0, kept) if compact else targets
         frozen_head = (ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
                        and not (bias is not None and ctx.needs_input_grad[2]))
+        recomputes = not frozen_head or "entropy" in stats
         with _zero3.gathered(weight, bias), _no_autocast(hidden.device):
+            filtering = None
+            if filter_eps is not None and recomputes and h.shape[0] > 0:
+                filtering = Filter(filter_eps, mean_logit_order(h, weight, bias))
             rows = backend.forward(h.contiguous(), weight.contiguous(), bias, t.contiguous(), transform, options,
-                                   with_basis=frozen_head, stats=stats)
+                                   with_basis=frozen_head, stats=stats, filtering=filtering)
             check_finite_lse(rows.lse, kept)
             target_rows = weight.index_select(0, t) if frozen_head else None
             target_slopes = _target_slopes(h, target_rows, bias, t, transform) if frozen_head else None
@@ -146,7 +152,9 @@ class _LinearLogprobs(torch.autograd.Function):
         partitioned = _zero3.is_partitioned(weight) or _zero3.is_partitioned(bias)
         saved_weight, saved_bias = (weight, bias) if keep_inputs and not partitioned else (None, None)
         ctx.save_for_backward(hidden if keep_inputs else None, saved_weight, saved_bias, t, kept, rows.lse,
-                              rows.entropy, rows.basis, target_rows, target_slopes)
+                              rows.entropy, rows.basis, target_rows, target_slopes, rows.live,
+                              None if filtering is None else filtering.order)
+        ctx.filter_eps = None if filtering is None else filtering.eps
         ctx.partitioned_head = (weight, bias) if keep_inputs and partitioned else None  # parameters, not activations
         ctx.hidden_meta = (hidden.shape, hidden.dtype, hidden.device)
         ctx.has_bias = bias is not None
@@ -159,7 +167,9 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_logp, grad_lse, grad_entropy, *_not_differentiable):
-        hidden, weight, bias, t, kept, lse_kept, entropy_kept, basis, target_rows, target_slopes = ctx.saved_tensors
+        (hidden, weight, bias, t, kept, lse_kept, entropy_kept, basis, target_rows, target_slopes, live,
+         order) = ctx.saved_tensors
+        filtering = None if ctx.filter_eps is None else Filter(ctx.filter_eps, order)
         if ctx.partitioned_head is not None:
             weight, bias = ctx.partitioned_head
         needed = GradsNeeded(ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -167,7 +177,7 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden_shape, hidden_dtype, device = ctx.hidden_meta
         grads_in = (grad_logp, grad_lse, grad_entropy)
         if not needed.any or all(g is None for g in grads_in):
-            return (None,) * 9  # None: a zero gradient
+            return (None,) * 10  # None: a zero gradient
 
         select = (lambda x: x.index_select(0, kept)) if ctx.compact else (lambda x: x)  # noqa: E731
         g_logp = torch.zeros_like(lse_kept) if grad_logp is None else select(grad_logp).float().contiguous()
@@ -181,10 +191,11 @@ class _LinearLogprobs(torch.autograd.Function):
             with _zero3.gathered(weight, bias), _no_autocast(device):
                 d_h, d_w, d_b = ctx.backend.backward(
                     g_logp, g_lse, g_entropy, select(hidden).contiguous(), weight.contiguous(), bias,
-                    t.contiguous(), lse_kept, entropy_kept, ctx.transform, ctx.options, needed)
+                    t.contiguous(), lse_kept, entropy_kept, ctx.transform, ctx.options, needed, filtering=filtering,
+                    live=live)
         if d_h is not None and ctx.compact:
             d_h = torch.zeros(hidden_shape, dtype=hidden_dtype, device=device).index_copy_(0, kept, d_h)
-        return (d_h, d_w, d_b) + (None,) * 6
+        return (d_h, d_w, d_b) + (None,) * 7
 
 
 def _deterministic_default() -> bool:
@@ -206,6 +217,7 @@ def linear_logprobs(
     return_lse: bool = False,
     outputs: Optional[Sequence[str]] = None,
     deterministic: Optional[bool] = None,
+    filter_eps: Union[None, float, str] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], TokenStats]:
     """Log-probability of each target token under ``softmax(x)``, fused, with
     ``x = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature``.
@@ -229,6 +241,13 @@ def linear_logprobs(
             "mean_logits", "is_top1")``: returns a :class:`TokenStats` with those fields set.
         deterministic: Triton backward without atomics (default: env ``LOGO_KERNELS_DETERMINISTIC``, else True);
             the other backends are always deterministic.
+        filter_eps: gradient filtering (docs/filtering.md). None (default): exact gradients. A float in (0, 2^-7],
+            or "auto" (finfo(dtype).eps / 32 of the least precise of hidden and weight: 2^-12 bf16, 2^-15 fp16,
+            2^-28 fp32): the recomputing backward skips every (token, vocabulary block) pair whose probabilities
+            all lie below it and that does not hold the target; the skipped dL/dlogit entries are each at most
+            ``filter_eps * (|g_lse - g - g_H H| + |g_H| ln(1/filter_eps)) * logit_scale / temperature``
+            (g, g_lse, g_H: the upstream gradients of logp, lse, entropy), i.e. relative to the upstream gradient.
+            The forward outputs are exact either way.
 
     Returns:
         float32 [...] log-probs (float64 for float64 inputs); with ``return_lse`` a pair (logp, lse); with
@@ -242,11 +261,11 @@ def linear_logprobs(
     """
     with _zero3.gathered(weight, bias):  # a ZeRO-3 partitioned head holds no data outside its module's forward
         return _linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale,
-                                backend, chunk_size, return_lse, outputs, deterministic)
+                                backend, chunk_size, return_lse, outputs, deterministic, filter_eps)
 
 
 def _linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature, softcap, logit_scale, backend,
-                     chunk_size, return_lse, outputs, deterministic):
+                     chunk_size, return_lse, outputs, deterministic, filter_eps):
     check_linear_inputs(hidden, weight, targets, bias)
     check_transform(temperature, softcap, logit_scale)
     ignore_index = check_ignore_index(ignore_index)
@@ -257,6 +276,7 @@ def _linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature, s
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be None or a bool, got {deterministic!r}")
+    filter_eps = check_filter_eps(filter_eps, hidden.dtype, weight.dtype)
     targets = canonical_targets(targets)
     check_target_range(targets, weight.shape[0], ignore_index)
     check_finite_inputs(hidden, weight, bias)
@@ -268,7 +288,7 @@ def _linear_logprobs(hidden, weight, targets, bias, ignore_index, temperature, s
     options = KernelOptions(chunk_size, _deterministic_default() if deterministic is None else deterministic)
     stats = frozenset(wanted or ()) & frozenset(_STAT_FIELDS)
     results = _LinearLogprobs.apply(flat_hidden, weight, bias, targets.reshape(-1), ignore_index, transform, impl,
-                                    options, stats)
+                                    options, stats, filter_eps)
     results = [None if x is None else x.view(lead_shape) for x in results]
     if wanted is None:
         return (results[0], results[1]) if return_lse else results[0]

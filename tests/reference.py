@@ -60,7 +60,8 @@ def materialized(hidden, weight, targets, bias=None, *, grad_logp, grad_lse=None
     log_probs = logits - lse.unsqueeze(-1)
     logp = torch.where(mask, log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
     probs = log_probs.exp()
-    entropy = torch.where(mask, -torch.where(probs > 0, probs * log_probs, 0.0).sum(-1), 0.0)
+    # 0 log 0 = 0, with a zero gradient where a bias masks an id (log p = -inf: p * log p would give NaN there)
+    entropy = torch.where(mask, -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1), 0.0)
     lse = torch.where(mask, lse, 0.0)
     objective = (logp * grad_logp.to(logp.dtype)).sum()
     if grad_lse is not None:

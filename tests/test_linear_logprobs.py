@@ -2,6 +2,8 @@
 import functools
 import os
 
+import math
+
 import pytest
 import torch
 
@@ -262,19 +264,26 @@ def test_frozen_head_backward_needs_no_backend_backward(backend, monkeypatch):
 
 @pytest.mark.skipif("cpp" not in lk.available_backends(), reason="C++ extension not built")
 @pytest.mark.parametrize("softcap", [0.0, 7.0])
-def test_cpp_superblocks_match_single_pass(softcap):
-    """A tiny workspace forces token superblocks in the forward (basis, statistics) and the backward (dH partials)."""
+@pytest.mark.parametrize("filtered", [False, True])
+def test_cpp_superblocks_match_single_pass(softcap, filtered):
+    """A tiny workspace forces token superblocks in the forward (basis, statistics, tile maxima of filtering) and the
+    backward (dH partials, the filtered walk)."""
     hidden, weight, targets, bias, g = make_inputs(300, 5000, 32, ignore_frac=0.0, seed=15)
     grad_lse, grad_entropy = torch.randn(300), torch.randn(300)
     fwd, bwd = torch.ops.logo_kernels.linear_logprobs_fwd, torch.ops.logo_kernels.linear_logprobs_bwd
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(3)) if filtered else None
+    block = 128 if filtered else 512
     results = []
     for workspace in (1 << 30, 1):  # one superblock; superblocks of one 16-token block
-        outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, softcap, 16, 512, True, True, True, True, True,
-                      workspace)
+        outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, softcap, 16, block, not filtered, True, True, True,
+                      True, workspace, filtered, math.log(2**-10), order)
+        live = outputs[7] if filtered else None
         grads = bwd(g, grad_lse, grad_entropy, hidden, weight, bias, targets, outputs[1], outputs[3], 1.7, 0.8,
-                    softcap, 16, 512, True, True, True, workspace)
+                    softcap, 16, block, True, True, True, workspace, live, order)
         results.append(tuple(outputs) + tuple(grads))
-    names = ["logp", "lse", "basis", "entropy", "log_sum_sq", "mean", "top1", "d_h", "d_w", "d_b"]
+    if filtered:
+        assert 0 < results[0][7].float().mean() < 1, "nothing (or everything) skipped: the test tests nothing"
+    names = ["logp", "lse", "basis", "entropy", "log_sum_sq", "mean", "top1", "live", "d_h", "d_w", "d_b"]
     for name, a, b in zip(names, *results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 

@@ -30,7 +30,9 @@ def check(rows, expected):
 
 
 def test_default_tiles_compile_for_sm80_and_sm90():
-    check(compile_rows(), 2 * len(GPU_CONFIGS))
+    rows = compile_rows()
+    check(rows, 2 * 2 * len(GPU_CONFIGS))  # sm_80 and sm_90, without and with gradient filtering
+    assert sum(row["filter"] for row in rows) == 2 * len(GPU_CONFIGS)
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ from logo_kernels.triton_kernels.forward import forward_kernel  # noqa: E402
 
 KERNELS = {"forward": forward_kernel, "grad_hidden": grad_hidden_kernel, "grad_weight": grad_weight_kernel,
            "grad_fused": grad_fused_kernel}
-POINTERS = {"h_ptr": "*{dtype}", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}", "t_ptr": "*i64", "top1_ptr": "*i8"}
+POINTERS = {"h_ptr": "*{dtype}", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}", "t_ptr": "*i64", "top1_ptr": "*i8",
+            "order_ptr": "*i64", "live_ptr": "*i8"}
 FLAGS = {"forward": dict(WANT_ENTROPY=True, WANT_LSQ=True, WANT_MEAN=True, WANT_TOP1=True),
          "grad_hidden": dict(HAS_GLSE=True, HAS_ENT=True),
          "grad_weight": dict(HAS_GLSE=True, HAS_ENT=True, NEED_DW=True, NEED_DB=True),
@@ -28,9 +29,10 @@ FLAGS = {"forward": dict(WANT_ENTROPY=True, WANT_LSQ=True, WANT_MEAN=True, WANT_
 FLOATS = ("logit_scale", "inv_temp", "softcap")
 
 
-def compile_kernel(name: str, dtype: str, capability: int, config):
+def compile_kernel(name: str, dtype: str, capability: int, config, filtering: bool = False):
     kernel = KERNELS[name]
-    constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, DOT_FP32=dtype == "fp32", **config.as_dict(), **FLAGS[name])
+    constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, DOT_FP32=dtype == "fp32", FILTER=filtering, **config.as_dict(),
+                      **FLAGS[name])
     if name == "grad_fused":
         constexprs["GROUP_N"] = config.group_n
     signature = {}
@@ -50,9 +52,9 @@ def compile_kernel(name: str, dtype: str, capability: int, config):
 
 
 def compile_row(job) -> str:
-    capability, name, dtype, index, config = job
-    compiled = compile_kernel(name, dtype, capability, config)
-    return json.dumps({"sm": capability, "dtype": dtype, "kernel": name, "config": index,
+    capability, name, dtype, index, config, filtering = job
+    compiled = compile_kernel(name, dtype, capability, config, filtering)
+    return json.dumps({"sm": capability, "dtype": dtype, "kernel": name, "config": index, "filter": filtering,
                        "tile": [config.block_n, config.block_v, config.block_d],
                        "shared_bytes": compiled.metadata.shared, "ptx": "ptx" in compiled.asm,
                        "cubin": "cubin" in compiled.asm})
@@ -61,9 +63,11 @@ def compile_row(job) -> str:
 if __name__ == "__main__":
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(capability, name, dtype, index, config) for capability in (80, 90)
+    # every default tile with and without gradient filtering (FILTER); with --all every candidate, filtering on
+    jobs = [(capability, name, dtype, index, config, filtering) for capability in (80, 90)
             for (name, dtype), configs in GPU_CONFIGS.items()
-            for index, config in enumerate(configs if "--all" in sys.argv else configs[:1])]
+            for index, config in enumerate(configs if "--all" in sys.argv else configs[:1])
+            for filtering in ((True,) if "--all" in sys.argv else (False, True))]
     with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:  # compiles are independent
         for row in pool.map(compile_row, jobs):
             print(row, flush=True)

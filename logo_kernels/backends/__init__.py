@@ -15,7 +15,7 @@ import torch
 
 from . import cpp as _cpp
 from . import triton as _triton
-from .base import Backend, GradsNeeded, KernelOptions, LogitTransform, RowStats
+from .base import FILTER_BLOCK, Backend, Filter, GradsNeeded, KernelOptions, LogitTransform, RowStats, mean_logit_order
 from .torch_chunked import TorchChunkedBackend
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -66,5 +66,5 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
     return impl
 
 
-__all__ = ["Backend", "BACKENDS", "GradsNeeded", "KernelOptions", "LogitTransform", "RowStats", "available_backends",
+__all__ = ["FILTER_BLOCK", "Backend", "BACKENDS", "Filter", "mean_logit_order", "GradsNeeded", "KernelOptions", "LogitTransform", "RowStats", "available_backends",
            "resolve_backend"]

@@ -17,9 +17,16 @@ entropy H, p = softmax(x) and log p = x - lse,
     dL/dx_j = g * 1[j = t] + p_j * (a + c * log p_j),   a = g_lse - g - g_H * H,   c = -g_H
 
 (dH/dx_j = -p_j (log p_j + H)), then times ``d x / d(hidden @ weight.T + bias)`` = logit_scale * slope / temperature.
+
+Gradient filtering (:class:`Filter`, ``filter_eps``): the vocabulary, walked in ``Filter.order``, is cut into blocks;
+a (token, block) pair whose largest probability is below ``eps`` and which does not hold the token's target is
+skipped by the backward (its dL/dx taken as 0). The C++ and torch backends decide per (token, block of
+:data:`FILTER_BLOCK` rows); the Triton kernels per tile (a block of tokens x their BLOCK_V), skipping a tile only
+when every token of it may be skipped — never more than the per-token rule.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import FrozenSet, Optional, Protocol, Tuple
 
@@ -65,6 +72,57 @@ class LogitTransform:
         return torch.cosh(u).square_().reciprocal_()
 
 
+#: Vocabulary rows per skippable block of the C++ and torch backends' filtered backward.
+FILTER_BLOCK = 128
+
+
+@dataclass(frozen=True, eq=False)
+class Filter:
+    """Gradient filtering: skip (token, vocabulary block) pairs whose probabilities all lie below ``eps``.
+
+    ``order``: the walk order of the vocabulary ([V] int64 permutation; None = by id), so that blocks group ids
+    that are live together (:func:`mean_logit_order`)."""
+
+    eps: float
+    order: Optional[torch.Tensor] = None
+
+    @property
+    def log_eps(self) -> float:
+        return math.log(self.eps)
+
+    def keep(self, log_probs: torch.Tensor, targets: torch.Tensor, block: int = FILTER_BLOCK,
+             token_block: int = 1) -> torch.Tensor:
+        """[n, V] bool: the entries a backward with this filter keeps, from the log probabilities [n, V] (vocabulary
+        in id order) and the targets [n] — the readable form of the rule. ``token_block`` > 1: a tile of that many
+        consecutive tokens is kept whole when any of its (token, block) pairs is live (the Triton kernels)."""
+        n, vocab = log_probs.shape
+        walked = log_probs if self.order is None else log_probs.index_select(1, self.order)
+        blocks = -(-vocab // block)
+        padded = torch.nn.functional.pad(walked, (0, blocks * block - vocab), value=float("-inf"))
+        live = padded.view(n, blocks, block).amax(dim=2) >= self.log_eps
+        position = targets if self.order is None else torch.argsort(self.order).index_select(0, targets)
+        live[torch.arange(n, device=live.device), position // block] = True
+        if token_block > 1:
+            tiles = -(-n // token_block)
+            grouped = torch.nn.functional.pad(live, (0, 0, 0, tiles * token_block - n))
+            live = grouped.view(tiles, token_block, blocks).any(dim=1).repeat_interleave(token_block, dim=0)[:n]
+        keep_walked = live.repeat_interleave(block, dim=1)[:, :vocab]
+        if self.order is None:
+            return keep_walked
+        return torch.empty_like(keep_walked).index_copy_(1, self.order, keep_walked)
+
+
+def mean_logit_order(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The vocabulary by decreasing mean logit over the tokens, mean_t(h_t) . w_j + b_j (one GEMV; the softcap and
+    scales are monotone): [V] int64. Ids live for many tokens come first, so that the live entries of a token
+    block crowd into few vocabulary blocks (Cut-Cross-Entropy's sort)."""
+    mean_hidden = hidden.float().mean(dim=0).to(weight.dtype)
+    score = torch.mv(weight, mean_hidden).float()
+    if bias is not None:
+        score += bias.float()
+    return torch.argsort(score, descending=True, stable=True)
+
+
 @dataclass(frozen=True)
 class GradsNeeded:
     hidden: bool
@@ -96,6 +154,7 @@ class RowStats:
     log_sum_sq_probs: Optional[torch.Tensor] = None
     mean_logits: Optional[torch.Tensor] = None
     is_top1: Optional[torch.Tensor] = None
+    live: Optional[torch.Tensor] = None  # with a filter: what the backward visits (backend-specific layout)
 
 
 class Backend(Protocol):
@@ -110,11 +169,14 @@ class Backend(Protocol):
         (RuntimeError: not installed; ValueError: device; TypeError: dtype), or None."""
 
     def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
-                with_basis: bool = False, stats: FrozenSet[str] = frozenset()) -> RowStats:
-        """Per-token logp, lse and the requested ``stats`` (a subset of EXTRA_STATS); basis with ``with_basis``."""
+                with_basis: bool = False, stats: FrozenSet[str] = frozenset(),
+                filtering: Optional[Filter] = None) -> RowStats:
+        """Per-token logp, lse and the requested ``stats`` (a subset of EXTRA_STATS); basis with ``with_basis``;
+        with ``filtering``, ``live`` for the backward (or None when the backward decides alone)."""
 
     def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded) -> Grads:
+                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded,
+                 filtering: Optional[Filter] = None, live: Optional[torch.Tensor] = None) -> Grads:
         """grad_logp [n] fp32; grad_lse, grad_entropy [n] fp32 or None (entropy [n] given with grad_entropy)
-        -> (d_hidden, d_weight, d_bias)."""
+        -> (d_hidden, d_weight, d_bias); with ``filtering`` (and the forward's ``live``) skipping what it says."""
 

@@ -12,7 +12,7 @@ from typing import FrozenSet, Optional
 
 import torch
 
-from .base import GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
+from .base import FILTER_BLOCK, Filter, GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
 
 #: Token rows per tile GEMM (``chunk_size`` overrides it). One size for both passes: the backward then
 #: recomputes bitwise the logits of the forward (same GEMM shapes), so softmax(x - lse) is exact where
@@ -82,17 +82,20 @@ if is_available():
 
     @torch.library.register_fake("logo_kernels::linear_logprobs_fwd")
     def _fwd_fake(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap, block_tokens, block_vocab,
-                  with_basis, want_entropy, want_log_sum_sq, want_mean, want_top1, workspace_bytes):
+                  with_basis, want_entropy, want_log_sum_sq, want_mean, want_top1, workspace_bytes, filter,
+                  log_filter_eps, order):
         n = hidden.shape[0]
         row = lambda want, dtype=torch.float32: hidden.new_empty(n if want else 0, dtype=dtype)  # noqa: E731
         basis = hidden.new_empty((n, hidden.shape[1]) if with_basis else (0,), dtype=torch.float32)
+        tiles = -(-weight.shape[0] // min(block_vocab, weight.shape[0]))
+        live = hidden.new_empty((n, tiles) if filter else (0,), dtype=torch.bool)
         return (row(True), row(True), basis, row(want_entropy), row(want_log_sum_sq), row(want_mean),
-                row(want_top1, torch.bool))
+                row(want_top1, torch.bool), live)
 
     @torch.library.register_fake("logo_kernels::linear_logprobs_bwd")
     def _bwd_fake(grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy, logit_scale,
                   inv_temperature, softcap, block_tokens, block_vocab, need_hidden, need_weight, need_bias,
-                  workspace_bytes):
+                  workspace_bytes, live, order):
         return (
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
@@ -121,25 +124,36 @@ class CppBackend:
                              "use backend='torch' for float64")
         return None
 
+    def _block_vocab(self, filtering: Optional[Filter]) -> int:
+        """Vocabulary rows per tile: the filter's block when filtering (one tile = one skippable block)."""
+        return FILTER_BLOCK if filtering is not None else self.block_vocab
+
     def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
-                with_basis: bool = False, stats: FrozenSet[str] = frozenset()) -> RowStats:
-        logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1 = torch.ops.logo_kernels.linear_logprobs_fwd(
+                with_basis: bool = False, stats: FrozenSet[str] = frozenset(),
+                filtering: Optional[Filter] = None) -> RowStats:
+        filtering = None if with_basis else filtering  # the frozen head's backward recomputes nothing
+        logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1, live = torch.ops.logo_kernels.linear_logprobs_fwd(
             hidden, weight, bias, targets, transform.logit_scale, transform.inv_temperature, transform.kernel_softcap,
-            options.chunk_size or DEFAULT_BLOCK_TOKENS, self.block_vocab, with_basis, "entropy" in stats,
+            options.chunk_size or DEFAULT_BLOCK_TOKENS, self._block_vocab(filtering), with_basis, "entropy" in stats,
             "log_sum_sq_probs" in stats, "mean_logits" in stats, "is_top1" in stats, self.workspace_bytes,
+            filtering is not None, filtering.log_eps if filtering is not None else 0.0,
+            filtering.order if filtering is not None else None,
         )
         pick = lambda x, name: x if name in stats else None  # noqa: E731
         return RowStats(logp, lse, basis if with_basis else None, pick(entropy, "entropy"),
                         pick(log_sum_sq, "log_sum_sq_probs"), pick(mean_logits, "mean_logits"),
-                        pick(is_top1, "is_top1"))
+                        pick(is_top1, "is_top1"), live if filtering is not None else None)
 
     def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded) -> Grads:
+                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded,
+                 filtering: Optional[Filter] = None, live: Optional[torch.Tensor] = None) -> Grads:
         as_f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
+        filtering = filtering if live is not None else None
         grads = torch.ops.logo_kernels.linear_logprobs_bwd(
             as_f32(grad_logp), as_f32(grad_lse), as_f32(grad_entropy), hidden, weight, bias, targets, lse,
             as_f32(entropy) if grad_entropy is not None else None, transform.logit_scale,
             transform.inv_temperature, transform.kernel_softcap, options.chunk_size or DEFAULT_BLOCK_TOKENS,
-            self.block_vocab, needed.hidden, needed.weight, needed.bias, self.workspace_bytes,
+            self._block_vocab(filtering), needed.hidden, needed.weight, needed.bias, self.workspace_bytes,
+            live if filtering is not None else None, filtering.order if filtering is not None else None,
         )
         return tuple(g if want else None for g, want in zip(grads, (needed.hidden, needed.weight, needed.bias)))

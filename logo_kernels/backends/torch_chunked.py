@@ -11,7 +11,7 @@ from typing import FrozenSet, Optional
 
 import torch
 
-from .base import GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
+from .base import Filter, GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
 
 #: Working-memory budget of the vocabulary-sized chunk buffers, in bytes.
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
@@ -62,7 +62,9 @@ class TorchChunkedBackend:
         return None
 
     def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
-                with_basis: bool = False, stats: FrozenSet[str] = frozenset()) -> RowStats:
+                with_basis: bool = False, stats: FrozenSet[str] = frozenset(),
+                filtering: Optional[Filter] = None) -> RowStats:
+        """(``filtering`` is applied by the backward alone, from the recomputed logits.)"""
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = _accumulation_dtype(hidden.dtype)
         weight_acc = weight.to(acc)
@@ -98,7 +100,10 @@ class TorchChunkedBackend:
         return out
 
     def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded) -> Grads:
+                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded,
+                 filtering: Optional[Filter] = None, live: Optional[torch.Tensor] = None) -> Grads:
+        """With ``filtering``, the dL/dx of the skipped (token, block) pairs is set to 0 (no time saved: the
+        reference of the rule)."""
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = _accumulation_dtype(hidden.dtype)
         weight_acc = weight.to(acc)
@@ -127,6 +132,8 @@ class TorchChunkedBackend:
             else:  # p * log p -> 0 where p = 0 (a token masked out by a -inf bias)
                 weights = torch.addcmul(coef_a[rows, None], coef_c[rows, None], log_probs)
                 grad_logits = torch.where(probs > 0, probs * weights, 0.0)
+            if filtering is not None:
+                grad_logits *= filtering.keep(log_probs, targets[rows])
             grad_logits.scatter_add_(1, targets[rows, None], g[rows, None])
             if slope is not None:
                 grad_logits *= slope

@@ -18,7 +18,7 @@ from typing import FrozenSet, Optional
 
 import torch
 
-from .base import GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
+from .base import Filter, GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
 
 AUTOTUNE_ENV = "LOGO_KERNELS_AUTOTUNE"
 
@@ -78,27 +78,43 @@ def _tuned(kernel_name: str, dtype_name: str, reset: tuple):
     return triton.autotune(configs, key=["N_BUCKET", "V", "D"], reset_to_zero=list(reset))(fn)
 
 
-def _launch(kernel_name: str, fn, grid, args: dict, constexprs: dict, dtype: torch.dtype, n: int, vocab: int,
-            dim: int, chunk_size: Optional[int], reset: tuple = ()) -> None:
-    """Launches ``fn`` with the tiles of the config table (or autotuned, or the interpreter's); ``grid(meta)``
-    maps the block sizes to the grid."""
-    from ..triton_kernels.configs import default_config, interpreter_blocks, shrink_to_shape
+def _blocks(kernel_name: str, dtype: torch.dtype, n: int, vocab: int, dim: int, chunk_size: Optional[int]):
+    """(block sizes, config) of ``kernel_name`` from the config table (or the interpreter's), without autotuning."""
+    from ..triton_kernels.configs import _pow2, default_config, interpreter_blocks, shrink_to_shape
 
-    args = dict(args, N_BUCKET=1 << max(0, n - 1).bit_length())
-    if _autotune() and chunk_size is None:
-        _tuned(kernel_name, _dtype_name(dtype), reset)[grid](**args, **constexprs)
-        return
     config = interpreter_blocks(n, vocab, dim) if interpreting() else \
         shrink_to_shape(default_config(kernel_name, _dtype_name(dtype)), n, vocab, dim)
     blocks = config.as_dict()
     if chunk_size is not None:
-        from ..triton_kernels.configs import _pow2
-
         blocks["BLOCK_N"] = _pow2(min(chunk_size, blocks["BLOCK_N"]), 16, blocks["BLOCK_N"])
+    return blocks, config
+
+
+def _launch(kernel_name: str, fn, grid, args: dict, constexprs: dict, dtype: torch.dtype, n: int, vocab: int,
+            dim: int, chunk_size: Optional[int], reset: tuple = (), tune: bool = True) -> None:
+    """Launches ``fn`` with the tiles of the config table (or autotuned unless ``tune`` is False, or the
+    interpreter's); ``grid(meta)`` maps the block sizes to the grid."""
+    args = dict(args, N_BUCKET=1 << max(0, n - 1).bit_length())
+    if tune and _autotune() and chunk_size is None:
+        _tuned(kernel_name, _dtype_name(dtype), reset)[grid](**args, **constexprs)
+        return
+    blocks, config = _blocks(kernel_name, dtype, n, vocab, dim, chunk_size)
     if kernel_name == "grad_fused":
         blocks["GROUP_N"] = config.group_n
     launch_options = {} if interpreting() else {"num_warps": config.num_warps, "num_stages": config.num_stages}
     fn[grid(blocks)](**args, **constexprs, **blocks, **launch_options)
+
+
+def filter_block(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Optional[int]) -> int:
+    """The vocabulary block of the live flags: the forward's BLOCK_V (a filtered forward is never autotuned)."""
+    n, dim = hidden.shape
+    return _blocks("forward", _tile_dtype(hidden, weight), n, weight.shape[0], dim, chunk_size)[0]["BLOCK_V"]
+
+
+def _filter_args(order: Optional[torch.Tensor], live: Optional[torch.Tensor], live_block: int, fallback):
+    """Kernel arguments of gradient filtering (dummies when off)."""
+    return dict(order_ptr=order if order is not None else fallback, live_ptr=live if live is not None else fallback,
+                live_block=live_block, num_live_blocks=live.shape[1] if live is not None else 1)
 
 
 def _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap):
@@ -113,7 +129,7 @@ def _common_flags(hidden, weight, bias, softcap):
 
 
 def _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weight, bias, targets, lse, logit_scale,
-                        inv_temperature, softcap, chunk_size) -> torch.Tensor:
+                        inv_temperature, softcap, chunk_size, order=None, live=None, live_block=1) -> torch.Tensor:
     from ..triton_kernels.backward import grad_hidden_kernel
 
     n, dim = hidden.shape
@@ -123,8 +139,10 @@ def _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weig
     args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
     args.update(lse_ptr=lse, g_ptr=grad_logp, glse_ptr=grad_lse if grad_lse is not None else grad_logp,
                 gent_ptr=grad_entropy if grad_entropy is not None else grad_logp,
-                ent_ptr=entropy if grad_entropy is not None else grad_logp, dh_ptr=grad)
-    flags = dict(_common_flags(hidden, weight, bias, softcap), HAS_GLSE=grad_lse is not None, HAS_ENT=grad_entropy is not None)
+                ent_ptr=entropy if grad_entropy is not None else grad_logp, dh_ptr=grad,
+                **_filter_args(order, live, live_block, targets))
+    flags = dict(_common_flags(hidden, weight, bias, softcap), HAS_GLSE=grad_lse is not None,
+                 HAS_ENT=grad_entropy is not None, FILTER=live is not None)
     _launch("grad_hidden", grad_hidden_kernel, lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),), args, flags,
             _tile_dtype(hidden, weight), n, weight.shape[0], dim, chunk_size, reset=("dh_ptr",))
     return grad
@@ -134,11 +152,13 @@ def _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weig
 @torch.library.custom_op("logo_kernels::triton_linear_logprobs_fwd", mutates_args=())
 def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                    logit_scale: float, inv_temperature: float, softcap: float, chunk_size: int, with_basis: bool,
-                   want_entropy: bool, want_log_sum_sq: bool, want_mean: bool, want_top1: bool
+                   want_entropy: bool, want_log_sum_sq: bool, want_mean: bool, want_top1: bool, filter: bool,
+                   log_filter_eps: float, order: Optional[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor]:
-    """-> (logp, lse, basis [n, D] or [0], entropy, log_sum_sq_probs, mean_logits, is_top1 (bool)), [0] where not
-    asked for. ``chunk_size`` 0 = the table's token block."""
+                              torch.Tensor, torch.Tensor]:
+    """-> (logp, lse, basis [n, D] or [0], entropy, log_sum_sq_probs, mean_logits, is_top1 (bool), live), [0] where
+    not asked for. ``chunk_size`` 0 = the table's token block. With ``filter``: live [n, cdiv(V, filter_block)] int8,
+    1 where a (token, block of the walk ``order``) pair reaches ``log_filter_eps`` or holds the target."""
     from ..triton_kernels.forward import forward_kernel
 
     n, dim = hidden.shape
@@ -149,15 +169,24 @@ def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     entropy, log_sum_sq, mean_logits = row(want_entropy), row(want_log_sum_sq), row(want_mean)
     top1 = torch.empty(n if want_top1 else 0, dtype=torch.int8, device=hidden.device)
     chunk = chunk_size or None
+    block = filter_block(hidden, weight, chunk) if filter else 1
+    tile_max = torch.empty((n, triton_cdiv(vocab, block)) if filter else (0,), **f32)
     if n > 0:
         args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
         args.update(logp_ptr=logp, lse_ptr=lse, ent_ptr=entropy if want_entropy else lse,
                     lsq_ptr=log_sum_sq if want_log_sum_sq else lse, mean_ptr=mean_logits if want_mean else lse,
-                    top1_ptr=top1 if want_top1 else targets)
+                    top1_ptr=top1 if want_top1 else targets, order_ptr=order if order is not None else targets,
+                    tmax_ptr=tile_max if filter else lse)
         flags = dict(_common_flags(hidden, weight, bias, softcap), WANT_ENTROPY=want_entropy, WANT_LSQ=want_log_sum_sq,
-                     WANT_MEAN=want_mean, WANT_TOP1=want_top1)
+                     WANT_MEAN=want_mean, WANT_TOP1=want_top1, FILTER=filter)
         _launch("forward", forward_kernel, lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),), args, flags,
-                _tile_dtype(hidden, weight), n, vocab, dim, chunk)
+                _tile_dtype(hidden, weight), n, vocab, dim, chunk, tune=not filter)
+    live = torch.empty(0, dtype=torch.int8, device=hidden.device)
+    if filter:  # the [n, blocks] fp32 maxima become int8 flags: the tile's max log-prob reaches eps, or its target
+        live = (tile_max - lse[:, None]).ge_(log_filter_eps).to(torch.int8)
+        del tile_max
+        position = targets if order is None else torch.argsort(order).index_select(0, targets)
+        live[torch.arange(n, device=live.device), position // block] = 1
     basis = hidden.new_empty(0, dtype=torch.float32)
     if with_basis:  # Q = (softmax * slope) @ W = dH / chain for g_logp = 0, g_lse = 1
         basis = _launch_grad_hidden(torch.zeros_like(lse), torch.ones_like(lse), None, None, hidden, weight, bias,
@@ -165,17 +194,19 @@ def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         chain = logit_scale * inv_temperature
         if chain != 1.0:
             basis.div_(chain)
-    return logp, lse, basis, entropy, log_sum_sq, mean_logits, top1.view(torch.bool)
+    return logp, lse, basis, entropy, log_sum_sq, mean_logits, top1.view(torch.bool), live
 
 
 @triton_forward.register_fake
 def _(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap, chunk_size, with_basis, want_entropy,
-      want_log_sum_sq, want_mean, want_top1):
+      want_log_sum_sq, want_mean, want_top1, filter, log_filter_eps, order):
     n = hidden.shape[0]
     row = lambda want, dtype=torch.float32: hidden.new_empty(n if want else 0, dtype=dtype)  # noqa: E731
     basis = hidden.new_empty((n, hidden.shape[1]) if with_basis else (0,), dtype=torch.float32)
+    blocks = triton_cdiv(weight.shape[0], filter_block(hidden, weight, chunk_size or None))
+    live = hidden.new_empty((n, blocks) if filter else (0,), dtype=torch.int8)
     return (row(True), row(True), basis, row(want_entropy), row(want_log_sum_sq), row(want_mean),
-            row(want_top1, torch.bool))
+            row(want_top1, torch.bool), live)
 
 
 @torch.library.custom_op("logo_kernels::triton_linear_logprobs_bwd", mutates_args=())
@@ -183,8 +214,10 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
                     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                     lse: torch.Tensor, entropy: Optional[torch.Tensor], logit_scale: float, inv_temperature: float,
                     softcap: float, chunk_size: int, need_hidden: bool, need_weight: bool, need_bias: bool,
-                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dH, dW, dBias) in the input dtypes; [0]-sized where not needed."""
+                    deterministic: bool, live: Optional[torch.Tensor], order: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dH, dW, dBias) in the input dtypes; [0]-sized where not needed. With the forward's ``live`` flags (and
+    ``order``) the tiles without a live pair are skipped."""
     from ..triton_kernels.backward import grad_fused_kernel, grad_weight_kernel
 
     n, dim = hidden.shape
@@ -198,11 +231,13 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
                             gent_ptr=grad_entropy if grad_entropy is not None else grad_logp,
                             ent_ptr=entropy if grad_entropy is not None else grad_logp)
     flags = dict(_common_flags(hidden, weight, bias, softcap), HAS_GLSE=grad_lse is not None,
-                 HAS_ENT=grad_entropy is not None)
+                 HAS_ENT=grad_entropy is not None, FILTER=live is not None)
+    live_block = filter_block(hidden, weight, chunk) if live is not None else 1
+    filter_args = _filter_args(order, live, live_block, targets)
     if not deterministic and n > 0:
         dh32 = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device) if need_hidden else lse
         args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
-        args.update(coefficient_args, dh_ptr=dh32, dw_ptr=dw32, db_ptr=db32)
+        args.update(coefficient_args, dh_ptr=dh32, dw_ptr=dw32, db_ptr=db32, **filter_args)
         grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]) * triton_cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
         _launch("grad_fused", grad_fused_kernel, grid, args,
                 dict(flags, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias), _tile_dtype(hidden, weight), n,
@@ -212,10 +247,11 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
     else:
         if need_hidden:
             d_h = _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weight, bias, targets, lse,
-                                      logit_scale, inv_temperature, softcap, chunk).to(hidden.dtype)
+                                      logit_scale, inv_temperature, softcap, chunk, order, live,
+                                      live_block).to(hidden.dtype)
         if need_w_or_b and n > 0:
             args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
-            args.update(coefficient_args, dw_ptr=dw32, db_ptr=db32)
+            args.update(coefficient_args, dw_ptr=dw32, db_ptr=db32, **filter_args)
             _launch("grad_weight", grad_weight_kernel, lambda meta: (triton_cdiv(vocab, meta["BLOCK_V"]),), args,
                     dict(flags, NEED_DW=need_weight, NEED_DB=need_bias), _tile_dtype(hidden, weight), n, vocab, dim,
                     chunk, reset=("dw_ptr", "db_ptr"))
@@ -228,7 +264,7 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
 
 @triton_backward.register_fake
 def _(grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy, logit_scale, inv_temperature,
-      softcap, chunk_size, need_hidden, need_weight, need_bias, deterministic):
+      softcap, chunk_size, need_hidden, need_weight, need_bias, deterministic, live, order):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if need_bias else hidden.new_empty(0))
@@ -255,22 +291,28 @@ class TritonBackend:
         return None
 
     def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
-                with_basis: bool = False, stats: FrozenSet[str] = frozenset()) -> RowStats:
-        logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1 = triton_forward(
+                with_basis: bool = False, stats: FrozenSet[str] = frozenset(),
+                filtering: Optional[Filter] = None) -> RowStats:
+        filtering = None if with_basis else filtering  # the frozen head's backward recomputes nothing
+        logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1, live = triton_forward(
             hidden, weight, bias, targets, transform.logit_scale, transform.inv_temperature, transform.kernel_softcap,
             options.chunk_size or 0, with_basis, "entropy" in stats, "log_sum_sq_probs" in stats,
-            "mean_logits" in stats, "is_top1" in stats)
+            "mean_logits" in stats, "is_top1" in stats, filtering is not None,
+            filtering.log_eps if filtering is not None else 0.0, filtering.order if filtering is not None else None)
         pick = lambda x, name: x if name in stats else None  # noqa: E731
         return RowStats(logp, lse, basis if with_basis else None, pick(entropy, "entropy"),
                         pick(log_sum_sq, "log_sum_sq_probs"), pick(mean_logits, "mean_logits"),
-                        pick(is_top1, "is_top1"))
+                        pick(is_top1, "is_top1"), live if filtering is not None else None)
 
     def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded) -> Grads:
+                 transform: LogitTransform, options: KernelOptions, needed: GradsNeeded,
+                 filtering: Optional[Filter] = None, live: Optional[torch.Tensor] = None) -> Grads:
         as_f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
+        filtering = filtering if live is not None else None
         d_h, d_w, d_b = triton_backward(
             as_f32(grad_logp), as_f32(grad_lse), as_f32(grad_entropy), hidden, weight, bias, targets, lse,
             as_f32(entropy) if grad_entropy is not None else None, transform.logit_scale, transform.inv_temperature,
             transform.kernel_softcap, options.chunk_size or 0, needed.hidden, needed.weight, needed.bias,
-            options.deterministic)
+            options.deterministic, live if filtering is not None else None,
+            filtering.order if filtering is not None else None)
         return (d_h if needed.hidden else None, d_w if needed.weight else None, d_b if needed.bias else None)

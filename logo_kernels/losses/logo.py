@@ -11,11 +11,12 @@ per-sequence means are segment sums over ``cu_seqlens`` (no Python loop over seq
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .._validation import check_filter_eps
 from ..linear_logprobs import linear_logprobs
 from .preference import check_hyperparameters, preference_loss
 
@@ -132,6 +133,7 @@ def logo_loss(
     logit_scale: float = 1.0,
     backend: str = "auto",
     deterministic: Optional[bool] = None,
+    filter_eps: Union[None, float, str] = None,
 ) -> LogoLossOutput:
     """LOGO loss from the hidden states of response tokens (formula in the module doc).
 
@@ -144,7 +146,8 @@ def logo_loss(
             example as [chosen, rejected_1..rejected_M].
         num_negatives: M. beta, gamma: reward scale and target margin. sft_weight: λ of the SFT term.
         loss_type: "sigmoid" or "hinge". label_smoothing: ε (sigmoid only).
-        temperature, softcap, logit_scale, backend, deterministic: passed to :func:`logo_kernels.linear_logprobs`.
+        temperature, softcap, logit_scale, backend, deterministic, filter_eps: passed to
+            :func:`logo_kernels.linear_logprobs` (``filter_eps``: gradient filtering, docs/filtering.md).
     """
     if loss_type not in LOGO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOGO_LOSS_TYPES)}, got {loss_type!r}")
@@ -155,7 +158,8 @@ def logo_loss(
         raise ValueError(f"hidden must be [T, D] and targets [T], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     check_sequences(cu_seqlens, targets.shape[0], num_negatives)
     logp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature,
-                           softcap=softcap, logit_scale=logit_scale, backend=backend, deterministic=deterministic)
+                           softcap=softcap, logit_scale=logit_scale, backend=backend, deterministic=deterministic,
+                           filter_eps=filter_eps)
     means = sequence_mean_logps(logp, targets != ignore_index, cu_seqlens, num_negatives)
     return logo_loss_from_means(means, beta=beta, gamma=gamma, sft_weight=sft_weight, loss_type=loss_type,
                                 label_smoothing=label_smoothing)
@@ -170,8 +174,9 @@ class LogoLoss(nn.Module):
 
     def __init__(self, num_negatives: int = 2, beta: float = 10.0, gamma: float = 3.0, sft_weight: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, ignore_index: int = -100,
-                 backend: str = "auto"):
+                 backend: str = "auto", filter_eps: Union[None, float, str] = None):
         super().__init__()
+        check_filter_eps(filter_eps, torch.float32)
         if loss_type not in LOGO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(LOGO_LOSS_TYPES)}, got {loss_type!r}")
         check_hyperparameters(LOGO_LOSS_TYPES[loss_type], beta, gamma, label_smoothing, sft_weight)
@@ -180,13 +185,15 @@ class LogoLoss(nn.Module):
         self.num_negatives, self.beta, self.gamma, self.sft_weight = num_negatives, beta, gamma, sft_weight
         self.loss_type, self.label_smoothing, self.ignore_index, self.backend = (
             loss_type, label_smoothing, ignore_index, backend)
+        self.filter_eps = filter_eps
 
     def forward(self, hidden, weight, targets, cu_seqlens, bias=None, *, temperature: float = 1.0,
                 softcap: Optional[float] = None, logit_scale: float = 1.0) -> LogoLossOutput:
         return logo_loss(hidden, weight, targets, cu_seqlens, num_negatives=self.num_negatives, beta=self.beta,
                          gamma=self.gamma, sft_weight=self.sft_weight, loss_type=self.loss_type,
                          label_smoothing=self.label_smoothing, ignore_index=self.ignore_index, bias=bias,
-                         temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=self.backend)
+                         temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend=self.backend,
+                         filter_eps=self.filter_eps)
 
     def from_means(self, means: torch.Tensor) -> LogoLossOutput:
         """:func:`logo_loss_from_means` with this loss's hyper-parameters (means [B, M + 1], chosen first)."""
@@ -195,4 +202,5 @@ class LogoLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_negatives={self.num_negatives}, beta={self.beta}, gamma={self.gamma}, "
-                f"sft_weight={self.sft_weight}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}")
+                f"sft_weight={self.sft_weight}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}"
+                + (f", filter_eps={self.filter_eps!r}" if self.filter_eps is not None else ""))

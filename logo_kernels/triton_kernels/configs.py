@@ -59,9 +59,14 @@ def _pow2(x: int, low: int, high: int) -> int:
     return max(low, min(high, p))
 
 
+#: Largest vocabulary block under the interpreter (tests lower it to exercise multi-tile schedules, e.g. the skipped
+#: tiles of gradient filtering, on small shapes).
+INTERPRETER_MAX_BLOCK_V = 1024
+
+
 def interpreter_blocks(n: int, vocab: int, dim: int) -> TileConfig:
     """The largest blocks the shape allows (powers of two >= 16, as tl.dot requires)."""
-    return TileConfig(_pow2(n, 16, 128), _pow2(vocab, 16, 1024), _pow2(dim, 16, 128), group_n=4)
+    return TileConfig(_pow2(n, 16, 128), _pow2(vocab, 16, INTERPRETER_MAX_BLOCK_V), _pow2(dim, 16, 128), group_n=4)
 
 
 def shrink_to_shape(config: TileConfig, n: int, vocab: int, dim: int) -> TileConfig:

@@ -5,19 +5,22 @@ Grid: one program per BLOCK_N tokens. The logits tiles live in registers only; o
 (H = log S - T / S with T = sum e^(x-m) (x - m), shifted by the running max), log sum p^2, the mean logit and
 whether the target is the first arg-max. Columns past V and ``-inf`` logits (e.g. a masking bias) contribute
 nothing to the softmax; a row whose logits are all ``-inf`` gets ``lse = -inf`` (refused by the caller).
+With FILTER (gradient filtering) the vocabulary is walked in ``order`` and each row's maximum logit per tile is
+stored in ``tmax`` [N, cdiv(V, BLOCK_V)] (the caller turns it into the backward's live flags once lse is known).
 """
 import triton
 import triton.language as tl
 
-from .tiles import logits_tile, transform
+from .tiles import logits_tile, transform, vocab_ids
 
 
 @triton.jit
-def forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, lsq_ptr, mean_ptr, top1_ptr,
-                   N, V, D, N_BUCKET, stride_h, stride_w, logit_scale, inv_temp, softcap,
+def forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, lsq_ptr, mean_ptr, top1_ptr, order_ptr,
+                   tmax_ptr, N, V, D, N_BUCKET, stride_h, stride_w, logit_scale, inv_temp, softcap,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                    WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr, WANT_MEAN: tl.constexpr,
-                   WANT_TOP1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                   WANT_TOP1: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
@@ -32,16 +35,20 @@ def forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, lsq_p
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
-        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w, HAS_BIAS,
+        ids = vocab_ids(order_ptr, cols, col_mask, FILTER)
+        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, ids, row_mask, col_mask, D, stride_h, stride_w, HAS_BIAS,
                         DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
         x = transform(z, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
         if WANT_MEAN:
             xsum += tl.sum(tl.where(col_mask[None, :], x, 0.0), axis=1)
         x = tl.where(col_mask[None, :], x, float("-inf"))
         if WANT_TOP1:
-            max_before = tl.maximum(max_before, tl.max(tl.where(cols[None, :] < target[:, None], x, float("-inf")),
+            max_before = tl.maximum(max_before, tl.max(tl.where(ids[None, :] < target[:, None], x, float("-inf")),
                                                        axis=1))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
+        tile_max = tl.max(x, axis=1)
+        if FILTER:
+            tl.store(tmax_ptr + rows * tl.cdiv(V, BLOCK_V) + v0 // BLOCK_V, tile_max, mask=row_mask)
+        m_new = tl.maximum(m, tile_max)
         finite = m_new > float("-inf")
         alpha = tl.where(finite, tl.exp(m - m_new), 1.0)
         live = x > float("-inf")
@@ -54,7 +61,7 @@ def forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, lsq_p
             sq = sq * alpha * alpha + tl.sum(p * p, axis=1)
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
-        x_target += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+        x_target += tl.sum(tl.where((ids[None, :] == target[:, None]) & col_mask[None, :], x, 0.0), axis=1)
     log_s = tl.log(s)
     lse = tl.where(m > float("-inf"), m + log_s, float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=row_mask)

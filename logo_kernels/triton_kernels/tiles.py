@@ -98,3 +98,24 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_h
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def vocab_ids(order_ptr, cols, col_mask, HAS_ORDER: tl.constexpr):
+    """The vocabulary ids of the walk positions ``cols``: order[cols] (gradient filtering's sorted walk), else cols."""
+    if HAS_ORDER:
+        return tl.load(order_ptr + cols, mask=col_mask, other=0)
+    return cols
+
+
+@triton.jit
+def tile_is_live(live_ptr, rows, row_mask, v0, live_block, num_live_blocks, BLOCK_V: tl.constexpr):
+    """Whether any token of ``rows`` has a live (token, vocabulary block) pair among the blocks of ``live_block``
+    walk positions that overlap [v0, v0 + BLOCK_V) (``live`` [N, num_live_blocks] int8, from the forward)."""
+    first = v0 // live_block
+    last = tl.minimum((v0 + BLOCK_V - 1) // live_block, num_live_blocks - 1)
+    acc = tl.zeros_like(row_mask).to(tl.int32)
+    for b in range(first, last + 1):
+        flags = tl.load(live_ptr + rows * num_live_blocks + b, mask=row_mask, other=0)
+        acc = tl.maximum(acc, flags.to(tl.int32))
+    return tl.max(acc, axis=0) > 0

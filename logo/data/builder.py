@@ -8,12 +8,13 @@ anti-forgetting share: ~2,000 RedPajama documents next to ~4,000 long QA) are ``
 (paper §3.2.2, App. C):
 
 1. the context is tokenized with the model's tokenizer and cut into chunks of ``--chunk-tokens`` (512);
-2. each chunk is scored by salient-term overlap with the question (:mod:`logo.data.importance`: spaCy named
-   entities as in the paper when available, δ = 6; the release's entities + lemmas + answer variant; or word
-   overlap as the fallback);
+2. each chunk is scored by salient-term overlap with the question and answer (:mod:`logo.data.importance`: by
+   default spaCy named entities ∪ noun / verb lemmas, the release's term set, δ = 2; the paper's literal entity
+   overlap with the question, δ = 6, by name; word overlap as the fallback without spaCy);
 3. with N = ``--context-chunks`` (16, the chunks the training context holds): the critical chunks are the
-   highest-scored ones with score > δ, at most ``--max-critical`` (N / 2); the irrelevant ones are the N minus
-   that many lowest-scored chunks. A record without a critical or an irrelevant chunk is skipped (counted);
+   highest-scored ones with score > δ and >= ``--critical-ratio`` × the best score, at most ``--max-critical``
+   (N / 2); the irrelevant ones are the N minus that many lowest-scored chunks. A record without a critical or an
+   irrelevant chunk is skipped (counted);
 4. the policy model answers three prompts (sampling, T = 0.7, top-p 0.95, batched ``generate``):
    chosen = pi(Q, critical), rejected[0] = pi(Q, irrelevant) (instruction unfollowing: as many irrelevant
    chunks as critical ones), rejected[1] = pi(Q, half critical + half irrelevant) (hallucination);
@@ -61,7 +62,8 @@ class BuildOptions:
     chunk_tokens: int = 512
     context_chunks: int = 16
     max_critical: Optional[int] = None  # None: context_chunks // 2
-    delta: Optional[int] = None  # None: the scorer's (entities 6, release 2, words 1)
+    delta: Optional[int] = None  # None: the scorer's (terms 2, entities 6, release 2, words 1)
+    critical_ratio: Optional[float] = None  # None: the scorer's (terms 0.5, else 0)
     scorer: str = "auto"
     spacy_model: str = "en_core_web_sm"
     batch_size: int = 4
@@ -82,6 +84,8 @@ class BuildOptions:
             raise ConfigError(f"--max-critical must be in [1, context_chunks), got {self.max_critical}")
         if self.delta is not None and (isinstance(self.delta, bool) or not isinstance(self.delta, int) or self.delta < 0):
             raise ConfigError(f"--delta must be an integer >= 0, got {self.delta!r}")
+        if self.critical_ratio is not None and not 0 <= self.critical_ratio <= 1:
+            raise ConfigError(f"--critical-ratio must be in [0, 1], got {self.critical_ratio}")
         if self.scorer not in SCORERS:
             raise ConfigError(f"--scorer must be one of {SCORERS}, got {self.scorer!r}")
         if not 0 < self.temperature <= 10:
@@ -166,10 +170,12 @@ def split_chunks(tokenizer, text: str, chunk_tokens: int) -> List[str]:
     return [tokenizer.decode(ids[s:s + chunk_tokens]) for s in range(0, len(ids), chunk_tokens)]
 
 
-def select_chunks(scores: Sequence[int], options: BuildOptions, delta: int) -> Tuple[List[int], List[int]]:
+def select_chunks(scores: Sequence[int], options: BuildOptions, delta: int,
+                  ratio: float = 0.0) -> Tuple[List[int], List[int]]:
     """(critical chunk indices, irrelevant chunk indices lowest-scored first), per step 3 of the module doc."""
     ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    critical = [i for i in ranked[:options.critical_limit] if scores[i] > delta]
+    best = scores[ranked[0]] if ranked else 0
+    critical = [i for i in ranked[:options.critical_limit] if scores[i] > delta and scores[i] >= ratio * best]
     room = min(options.context_chunks, len(scores)) - len(critical)
     irrelevant = sorted((i for i in range(len(scores)) if i not in critical), key=lambda i: (scores[i], i))[:room]
     return sorted(critical), irrelevant
@@ -284,6 +290,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
     options.validate()
     scorer = scorer or make_scorer(options.scorer, spacy_model=options.spacy_model)
     delta = scorer.delta if options.delta is None else options.delta
+    ratio = scorer.ratio if options.critical_ratio is None else options.critical_ratio
     partial = out_path + ".partial"
     done = {}
     if os.path.exists(out_path):
@@ -291,7 +298,8 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             done[str(record.id)] = record
     for record in read_partial(partial):
         done[str(record.id)] = record
-    manifest = {"options": {k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS},
+    manifest = {"options": {**{k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS},
+                            "scorer_used": scorer.name},
                 "fingerprints": provenance or {},
                 "records": {str(r.id): _record_hash(r) for r in list(raw) + list(general)}}
     check_manifest(out_path, manifest, built=set(done))
@@ -301,7 +309,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             write_preference_file(list(done.values()), partial)
     counts = {"input": len(raw), "general_input": len(general), "already_built": 0, "built": 0,
               "skipped_no_critical": 0, "skipped_no_irrelevant": 0, "skipped_no_question": 0,
-              "dropped_degenerate": 0, "scorer": scorer.name, "delta": delta}
+              "dropped_degenerate": 0, "scorer": scorer.name, "delta": delta, "critical_ratio": ratio}
     general_todo = [d for d in general if d.id not in done]
     todo = [r for r in raw if r.id not in done]
     counts["already_built"] = len(raw) + len(general) - len(todo) - len(general_todo)
@@ -316,7 +324,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             for record in todo[start:start + options.batch_size]:
                 chunks = split_chunks(tokenizer, record.context, options.chunk_tokens)
                 scores = scorer.scores(chunks, record.question, record.answer)
-                critical, irrelevant = select_chunks(scores, options, delta)
+                critical, irrelevant = select_chunks(scores, options, delta, ratio)
                 if not critical or not irrelevant:
                     counts["skipped_no_critical" if not critical else "skipped_no_irrelevant"] += 1
                     bar.update(1)
@@ -451,11 +459,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N: chunks in the training context (critical + irrelevant)")
     b.add_argument("--max-critical", type=int, default=None, help="critical chunks kept at most (default: N / 2)")
     b.add_argument("--scorer", default=d.scorer, choices=SCORERS,
-                   help="chunk importance: spaCy entities (paper), the release's entities+lemmas+answer, word overlap; "
-                        "auto = entities when spaCy and --spacy-model load, else words")
+                   help="chunk importance: terms = entities + noun/verb lemmas of question and answer (the release's "
+                        "set), entities = the paper's literal entity overlap with the question, release = the "
+                        "authors' code, words = word overlap; auto = terms when spaCy and --spacy-model load, else "
+                        "words")
     b.add_argument("--spacy-model", default=d.spacy_model, help="spaCy pipeline name or path")
     b.add_argument("--delta", type=int, default=None,
-                   help="a chunk is critical when its score > delta (default: entities 6, release 2, words 1)")
+                   help="a chunk is critical when its score > delta (default: terms 2, entities 6, release 2, words 1)")
+    b.add_argument("--critical-ratio", type=float, default=None,
+                   help="... and its score >= this x the best chunk's (default: terms 0.5, the others 0)")
     b.add_argument("--batch-size", type=int, default=d.batch_size, help="records per generate call (x3 prompts)")
     b.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated per response")
     b.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
@@ -479,7 +491,8 @@ def _main(argv: List[str]) -> int:
     if not args.input and not args.general_docs:
         raise ConfigError("give --input (QA records) and/or --general-docs (documents)")
     options = BuildOptions(chunk_tokens=args.chunk_tokens, context_chunks=args.context_chunks,
-                           max_critical=args.max_critical, delta=args.delta, scorer=args.scorer,
+                           max_critical=args.max_critical, delta=args.delta, critical_ratio=args.critical_ratio,
+                           scorer=args.scorer,
                            spacy_model=args.spacy_model, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, system=args.system).validate()

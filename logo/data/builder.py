@@ -45,11 +45,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, InputFileError, RunDirectoryError, read_json_lines, run_cli, writing
+from ..errors import ConfigError, InputFileError, RunDirectoryError, ServiceError, read_json_lines, run_cli, writing
 from ..files import write_json_atomically
+from .endpoint import PROMPT_FORMATS, EndpointOptions, endpoint_generator
 from .importance import SCORERS, Scorer, make_scorer
 from .records import PreferenceRecord, read_preference_file
 
@@ -88,8 +90,8 @@ class BuildOptions:
             raise ConfigError(f"--critical-ratio must be in [0, 1], got {self.critical_ratio}")
         if self.scorer not in SCORERS:
             raise ConfigError(f"--scorer must be one of {SCORERS}, got {self.scorer!r}")
-        if not 0 < self.temperature <= 10:
-            raise ConfigError(f"--temperature must be in (0, 10], got {self.temperature}")
+        if not 0 <= self.temperature <= 10:
+            raise ConfigError(f"--temperature must be in [0, 10] (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         return self
@@ -203,8 +205,12 @@ class Plan:
 
 
 def hf_generator(model, tokenizer, options: BuildOptions) -> Callable[[List[List[int]]], List[str]]:
-    """Batched sampling with ``model.generate`` (left padding); returns the decoded continuations."""
+    """Batched sampling with ``model.generate`` (left padding; greedy at temperature 0); returns the decoded
+    continuations and counts the tokens generated in ``.tokens``."""
     import torch
+
+    sampling = (dict(do_sample=True, temperature=options.temperature, top_p=options.top_p)
+                if options.temperature > 0 else dict(do_sample=False))
 
     def generate(prompts: List[List[int]]) -> List[str]:
         width = max(len(p) for p in prompts)
@@ -216,12 +222,13 @@ def hf_generator(model, tokenizer, options: BuildOptions) -> Callable[[List[List
             mask[row, width - len(p):] = 1
         device = next(model.parameters()).device
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 temperature=options.temperature, top_p=options.top_p,
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **sampling,
                                  max_new_tokens=options.max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id)
-        return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
+                                 eos_token_id=tokenizer.eos_token_id).cpu()
+        generate.tokens += int((out[:, width:] != pad).sum())
+        return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
+    generate.tokens = 0
     return generate
 
 
@@ -313,41 +320,48 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
     general_todo = [d for d in general if d.id not in done]
     todo = [r for r in raw if r.id not in done]
     counts["already_built"] = len(raw) + len(general) - len(todo) - len(general_todo)
-    bar = tqdm(total=len(todo) + len(general_todo), desc="building", disable=not progress, dynamic_ncols=True)
-    if general_todo:
-        asked = generate_questions(general_todo, tokenizer, generate, options, counts)
-        bar.update(len(general_todo) - len(asked))
-        todo += asked
-    with writing(partial, intact=_safe_in(partial)), open(partial, "a", encoding="utf-8") as sink:
-        for start in range(0, len(todo), options.batch_size):
-            plans, prompts = [], []
-            for record in todo[start:start + options.batch_size]:
-                chunks = split_chunks(tokenizer, record.context, options.chunk_tokens)
-                scores = scorer.scores(chunks, record.question, record.answer)
-                critical, irrelevant = select_chunks(scores, options, delta, ratio)
-                if not critical or not irrelevant:
-                    counts["skipped_no_critical" if not critical else "skipped_no_irrelevant"] += 1
-                    bar.update(1)
-                    continue
-                plan = Plan(record, chunks, critical, irrelevant)
-                plans.append(plan)
-                for context in plan.prompts():
-                    stub = PreferenceRecord(record.id, tuple(context), record.question, "x", ("x",), options.system)
-                    prompts.append(encode_prompt(stub, tokenizer))
-            outputs = generate(prompts) if prompts else []
-            for k, plan in enumerate(plans):
-                chosen, unfollowing, hallucination = outputs[3 * k:3 * k + 3]
-                if degenerate(chosen, (unfollowing, hallucination)) is not None:
-                    counts["dropped_degenerate"] += 1
-                    continue
-                record = PreferenceRecord(plan.record.id, tuple(plan.training_context()), plan.record.question,
-                                          chosen, (unfollowing, hallucination), options.system)
-                sink.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-                counts["built"] += 1
-            sink.flush()
-            os.fsync(sink.fileno())
-            bar.update(len(plans))
-    bar.close()
+    bar = tqdm(total=len(todo) + len(general_todo), desc="building", unit="record", disable=not progress,
+               dynamic_ncols=True)
+    started = time.monotonic()
+    try:
+        if general_todo:
+            asked = generate_questions(general_todo, tokenizer, generate, options, counts)
+            bar.update(len(general_todo) - len(asked))
+            todo += asked
+        with writing(partial, intact=_safe_in(partial)), open(partial, "a", encoding="utf-8") as sink:
+            for start in range(0, len(todo), options.batch_size):
+                plans, prompts = [], []
+                for record in todo[start:start + options.batch_size]:
+                    chunks = split_chunks(tokenizer, record.context, options.chunk_tokens)
+                    scores = scorer.scores(chunks, record.question, record.answer)
+                    critical, irrelevant = select_chunks(scores, options, delta, ratio)
+                    if not critical or not irrelevant:
+                        counts["skipped_no_critical" if not critical else "skipped_no_irrelevant"] += 1
+                        bar.update(1)
+                        continue
+                    plan = Plan(record, chunks, critical, irrelevant)
+                    plans.append(plan)
+                    for context in plan.prompts():
+                        stub = PreferenceRecord(record.id, tuple(context), record.question, "x", ("x",), options.system)
+                        prompts.append(encode_prompt(stub, tokenizer))
+                outputs = generate(prompts) if prompts else []
+                for k, plan in enumerate(plans):
+                    chosen, unfollowing, hallucination = outputs[3 * k:3 * k + 3]
+                    if degenerate(chosen, (unfollowing, hallucination)) is not None:
+                        counts["dropped_degenerate"] += 1
+                        continue
+                    record = PreferenceRecord(plan.record.id, tuple(plan.training_context()), plan.record.question,
+                                              chosen, (unfollowing, hallucination), options.system)
+                    sink.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+                    counts["built"] += 1
+                sink.flush()
+                os.fsync(sink.fileno())
+                bar.update(len(plans))
+                _show_rate(bar, generate, started)
+    except ServiceError as error:  # a generation server failed: what is built stays in the .partial
+        raise error.with_intact(_safe_in(partial)()) from None
+    finally:
+        bar.close()
     if os.path.getsize(partial) == 0:  # nothing built now or before: write nothing
         os.remove(partial)
         counts["written"] = 0
@@ -358,6 +372,13 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
         os.remove(partial)
     counts["written"] = len(records)
     return counts
+
+
+def _show_rate(bar, generate, started: float) -> None:
+    """Generated tokens per second on the progress bar (records per second is the bar's own rate)."""
+    tokens = getattr(generate, "tokens", None)
+    if tokens is not None:
+        bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):.1f} tokens/s", refresh=False)
 
 
 MANIFEST_SUFFIX = ".build.json"
@@ -470,12 +491,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... and its score >= this x the best chunk's (default: terms 0.5, the others 0)")
     b.add_argument("--batch-size", type=int, default=d.batch_size, help="records per generate call (x3 prompts)")
     b.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated per response")
-    b.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+    b.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0: greedy)")
     b.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling")
     b.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
     b.add_argument("--system", default=None, help="system prompt for generation and the records")
-    b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' dtype of in-process generation")
     b.add_argument("--no-progress", action="store_true")
+    e = b.add_argument_group("generation through an OpenAI-compatible server (vLLM, SGLang, transformers serve); "
+                             "--model still gives the tokenizer, chat template and fingerprints")
+    d = EndpointOptions("", "")
+    e.add_argument("--endpoint", default=None, metavar="URL",
+                   help="the server's base URL, e.g. http://127.0.0.1:8000/v1 (default: generate in-process)")
+    e.add_argument("--endpoint-model", default=None, help="the model name the server serves (default: --model)")
+    e.add_argument("--api-key-env", default=d.api_key_env,
+                   help="environment variable holding the server's API key (not sent when unset)")
+    e.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at most")
+    e.add_argument("--request-timeout", type=float, default=d.timeout, help="seconds one request may take")
+    e.add_argument("--retries", type=int, default=d.retries,
+                   help="retries of a request after a connection error, timeout or HTTP 408/429/5xx")
+    e.add_argument("--retry-backoff", type=float, default=d.backoff,
+                   help="seconds before the first retry, doubled at each next one")
+    e.add_argument("--prompt-format", default=d.prompt_format, choices=PROMPT_FORMATS,
+                   help="send the rendered prompt as text (every server) or as token ids (vLLM, SGLang)")
     return parser
 
 
@@ -492,18 +530,29 @@ def _main(argv: List[str]) -> int:
         raise ConfigError("give --input (QA records) and/or --general-docs (documents)")
     options = BuildOptions(chunk_tokens=args.chunk_tokens, context_chunks=args.context_chunks,
                            max_critical=args.max_critical, delta=args.delta, critical_ratio=args.critical_ratio,
-                           scorer=args.scorer,
-                           spacy_model=args.spacy_model, batch_size=args.batch_size,
+                           scorer=args.scorer, spacy_model=args.spacy_model, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, system=args.system).validate()
     if not os.path.isdir(args.model):
         raise ConfigError(f"--model: {args.model} is not an existing directory (a local Hugging Face model "
                           "directory; nothing is downloaded)")
+    endpoint = None
+    if args.endpoint is not None:
+        endpoint = EndpointOptions(args.endpoint, args.endpoint_model or args.model, args.api_key_env,
+                                   args.concurrency, args.request_timeout, args.retries, args.retry_backoff,
+                                   args.prompt_format).validate()
     from ..run_lock import RunLock
 
     lock = RunLock(args.out, f"--out {args.out}", inside=False)
     with writing(os.path.dirname(os.path.abspath(args.out))):
-        lock.acquire()  # held until the process ends
+        lock.acquire()
+    try:
+        return _build_locked(args, options, endpoint)
+    finally:
+        lock.release()  # also when the build fails: a caller in the same process may resume at once
+
+
+def _build_locked(args, options: BuildOptions, endpoint) -> int:
     raw = read_raw_file(args.input) if args.input else []
     general = read_general_docs(args.general_docs) if args.general_docs else []
     clash = {r.id for r in raw} & {d.id for d in general}
@@ -516,12 +565,16 @@ def _main(argv: List[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
-    if torch.cuda.is_available():
-        model.cuda()
-    torch.manual_seed(options.seed)
-    counts = build(raw, tokenizer, hf_generator(model, tokenizer, options), args.out, options,
+    if endpoint is not None:
+        generate = endpoint_generator(tokenizer, options, endpoint, log=lambda m: print(m, file=sys.stderr))
+    else:
+        dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+        if torch.cuda.is_available():
+            model.cuda()
+        torch.manual_seed(options.seed)
+        generate = hf_generator(model, tokenizer, options)
+    counts = build(raw, tokenizer, generate, args.out, options,
                    progress=not args.no_progress, scorer=scorer, general=general,
                    provenance=build_fingerprints(args.model))
     print(json.dumps(counts))

@@ -64,7 +64,7 @@ class BuildOptions:
     chunk_tokens: int = 512
     context_chunks: int = 16
     max_critical: Optional[int] = None  # None: context_chunks // 2
-    delta: Optional[int] = None  # None: the scorer's (terms 2, entities 6, release 2, words 1)
+    delta: Optional[int] = None  # None: the scorer's (terms 2 / 1 without an answer, entities 6, release 2, words 1)
     critical_ratio: Optional[float] = None  # None: the scorer's (terms 0.5, else 0)
     scorer: str = "auto"
     spacy_model: str = "en_core_web_sm"
@@ -296,7 +296,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
 
     options.validate()
     scorer = scorer or make_scorer(options.scorer, spacy_model=options.spacy_model)
-    delta = scorer.delta if options.delta is None else options.delta
+    delta_for = (lambda answer: options.delta) if options.delta is not None else scorer.threshold
     ratio = scorer.ratio if options.critical_ratio is None else options.critical_ratio
     partial = out_path + ".partial"
     done = {}
@@ -305,8 +305,10 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             done[str(record.id)] = record
     for record in read_partial(partial):
         done[str(record.id)] = record
-    manifest = {"options": {**{k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS},
-                            "scorer_used": scorer.name},
+    options_used = {k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS}
+    if scorer.name != options.scorer:  # what auto resolved to (terms, or words without spaCy)
+        options_used["scorer"] = f"{options.scorer} ({scorer.name})"
+    manifest = {"options": options_used,
                 "fingerprints": provenance or {},
                 "records": {str(r.id): _record_hash(r) for r in list(raw) + list(general)}}
     check_manifest(out_path, manifest, built=set(done))
@@ -316,7 +318,8 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             write_preference_file(list(done.values()), partial)
     counts = {"input": len(raw), "general_input": len(general), "already_built": 0, "built": 0,
               "skipped_no_critical": 0, "skipped_no_irrelevant": 0, "skipped_no_question": 0,
-              "dropped_degenerate": 0, "scorer": scorer.name, "delta": delta, "critical_ratio": ratio}
+              "dropped_degenerate": 0, "scorer": scorer.name, "delta": delta_for("answer"),
+              "delta_without_answer": delta_for(None), "critical_ratio": ratio}
     general_todo = [d for d in general if d.id not in done]
     todo = [r for r in raw if r.id not in done]
     counts["already_built"] = len(raw) + len(general) - len(todo) - len(general_todo)
@@ -334,7 +337,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
                 for record in todo[start:start + options.batch_size]:
                     chunks = split_chunks(tokenizer, record.context, options.chunk_tokens)
                     scores = scorer.scores(chunks, record.question, record.answer)
-                    critical, irrelevant = select_chunks(scores, options, delta, ratio)
+                    critical, irrelevant = select_chunks(scores, options, delta_for(record.answer), ratio)
                     if not critical or not irrelevant:
                         counts["skipped_no_critical" if not critical else "skipped_no_irrelevant"] += 1
                         bar.update(1)
@@ -486,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "words")
     b.add_argument("--spacy-model", default=d.spacy_model, help="spaCy pipeline name or path")
     b.add_argument("--delta", type=int, default=None,
-                   help="a chunk is critical when its score > delta (default: terms 2, entities 6, release 2, words 1)")
+                   help="a chunk is critical when its score > delta (default: terms 2, or 1 for a record without an "
+                        "answer; entities 6, release 2, words 1)")
     b.add_argument("--critical-ratio", type=float, default=None,
                    help="... and its score >= this x the best chunk's (default: terms 0.5, the others 0)")
     b.add_argument("--batch-size", type=int, default=d.batch_size, help="records per generate call (x3 prompts)")

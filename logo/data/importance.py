@@ -5,7 +5,8 @@ score is > δ (and, for ``terms``, at least ``ratio`` × the best chunk's score)
 
 * ``terms`` (what ``auto`` picks when a spaCy pipeline loads): the release's term set — named entities ∪ noun /
   proper-noun / verb lemmas (entities ∪ content words when the pipeline has no tagger) — the query being the
-  question *and* the gold answer; δ = 2 (>= 3 shared terms, the release's rule) and ratio 0.5. This is how this
+  question *and* the gold answer; δ = 2 (>= 3 shared terms, the release's rule; 1 for a record without an
+  answer, whose query has a term or two fewer) and ratio 0.5. This is how this
   package reads the paper's "score > δ = 6": a real question names two or three entities, so a distinct-entity
   overlap with the question never exceeds 6; the release's term set of question + answer is what tells the
   answering chunk apart (docs/data.md has the measurements).
@@ -95,6 +96,13 @@ class Scorer:
     use_answer: bool
     delta: int
     ratio: float = 0.0
+    delta_without_answer: Optional[int] = None  # None: delta
+
+    def threshold(self, answer: Optional[str] = None) -> int:
+        """δ for a record with (or without) a gold answer: a query without the answer has fewer terms to share."""
+        if answer or not self.use_answer or self.delta_without_answer is None:
+            return self.delta
+        return self.delta_without_answer
 
     def scores(self, chunks: Iterable[str], question: str, answer: Optional[str] = None) -> List[int]:
         query = self.terms(question) | (self.terms(answer) if answer and self.use_answer else set())
@@ -120,7 +128,7 @@ def make_scorer(name: str = "auto", nlp=None, spacy_model: str = "en_core_web_sm
                               "--scorer words") from None
     if name in ("auto", "terms"):
         return Scorer("terms", query_terms(nlp), use_answer=True, delta=DEFAULT_DELTA["terms"],
-                      ratio=DEFAULT_RATIO["terms"])
+                      ratio=DEFAULT_RATIO["terms"], delta_without_answer=DEFAULT_DELTA["terms"] - 1)
     if name == "entities":
         return Scorer("entities", lambda text: entity_terms(nlp(text)), use_answer=False,
                       delta=DEFAULT_DELTA["entities"])

@@ -15,7 +15,8 @@ anti-forgetting share: ~2,000 RedPajama documents next to ~4,000 long QA) are ``
    highest-scored ones with score > δ and >= ``--critical-ratio`` × the best score, at most ``--max-critical``
    (N / 2); the irrelevant ones are the N minus that many lowest-scored chunks. A record without a critical or an
    irrelevant chunk is skipped (counted);
-4. the policy model answers three prompts (sampling, T = 0.7, top-p 0.95, batched ``generate``):
+4. the policy model answers three prompts (sampling, T = 0.7, top-p 0.95; batched ``generate`` in-process, or an
+   OpenAI-compatible server with ``--endpoint``, :mod:`logo.data.endpoint`):
    chosen = pi(Q, critical), rejected[0] = pi(Q, irrelevant) (instruction unfollowing: as many irrelevant
    chunks as critical ones), rejected[1] = pi(Q, half critical + half irrelevant) (hallucination);
 5. degenerate samples are dropped (an empty response, a rejected identical to the chosen; counted);
@@ -586,7 +587,9 @@ def _build_locked(args, options: BuildOptions, endpoint) -> int:
         print(f"logo.data: nothing built, nothing written: {counts['skipped_no_critical']} record(s) without a "
               f"critical chunk (score > delta = {counts['delta']}), {counts['skipped_no_irrelevant']} without an "
               f"irrelevant one, {counts['skipped_no_question']} document(s) without a generated question, "
-              f"{counts['dropped_degenerate']} degenerate sample(s)", file=sys.stderr)
+              f"{counts['dropped_degenerate']} degenerate sample(s)"
+              + ("; --scorer entities is the paper read literally and rarely finds a critical chunk, --scorer auto "
+                 "does" if counts["scorer"] == "entities" and counts["skipped_no_critical"] else ""), file=sys.stderr)
         return 1
     return 0
 

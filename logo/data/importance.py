@@ -5,14 +5,15 @@ score is > δ (and, for ``terms``, at least ``ratio`` × the best chunk's score)
 
 * ``terms`` (what ``auto`` picks when a spaCy pipeline loads): the release's term set — named entities ∪ noun /
   proper-noun / verb lemmas (entities ∪ content words when the pipeline has no tagger) — the query being the
-  question *and* the gold answer; δ = 2 (>= 3 shared terms, the release's rule; 1 for a record without an
-  answer, whose query has a term or two fewer) and ratio 0.5. This is how this
-  package reads the paper's "score > δ = 6": a real question names two or three entities, so a distinct-entity
-  overlap with the question never exceeds 6; the release's term set of question + answer is what tells the
-  answering chunk apart (docs/data.md has the measurements).
+  question *and* the gold answer, stopwords dropped; δ = 2 (>= 3 shared terms, the release's rule; 1 for a record
+  without an answer, whose query has a term or two fewer) and ratio 0.5. This is how this package reads the
+  paper's "score > δ = 6": a real question names two or three entities, so a distinct-entity overlap with the
+  question never exceeds 6; the release's term set of question + answer is what tells the answering chunk apart
+  (docs/data.md has the measurements).
 * ``entities`` (the paper read literally): spaCy named entities of the chunk ∩ those of the question, δ = 6. On
   real questions it marks no chunk critical; kept by name for comparison.
-* ``release`` (the authors' code, ``ImportanceScoring.py``): the ``terms`` set without the ratio; δ = 2. Needs a
+* ``release`` (the authors' code, ``ImportanceScoring.py``): entities ∪ noun / proper-noun / verb lemmas of the
+  question and the answer, as the release computes them; δ = 2, no ratio, no fallback without a tagger. Needs a
   pipeline with a tagger and lemmatizer (``en_core_web_sm`` / ``_lg``; the release used ``en_core_web_lg``).
 * ``words`` (the fallback, no spaCy): lower-cased non-stopword words of >= 3 characters and numbers, the query
   being the question and the answer; δ = 1 (two shared content words).

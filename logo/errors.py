@@ -11,7 +11,9 @@ its traceback.
 
 Exit codes of every command line: 0 done, 1 internal error, 2 user error, 3 training diverged (``logo.train``),
 4 an output could not be written, 75 stopped by SIGTERM / SIGINT after writing a checkpoint (``logo.train``;
-EX_TEMPFAIL: resume later), 128 + the signal's number after a second signal (exited at once).
+EX_TEMPFAIL: resume later) or a service the command needs failed after its retries (a :class:`ServiceError`:
+``logo.data build``'s generation server; what was done is kept, rerun to resume), 128 + the signal's number after
+a second signal (exited at once).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 USAGE_EXIT = 2
 STORAGE_EXIT = 4
+SERVICE_EXIT = 75
 
 
 class UserError(ValueError):
@@ -69,6 +72,22 @@ class StorageError(Exception):
     def from_os(cls, error: OSError, path: str = None, intact: str = "") -> "StorageError":
         reason = error.strerror or str(error) or type(error).__name__
         return cls(error.filename or path or "?", reason, intact)
+
+
+class ServiceError(Exception):
+    """A service the command depends on (a generation server) failed after retries. ``str()`` is the one-line
+    report: what failed and (``intact``) what is kept."""
+
+    def __init__(self, message: str, intact: str = ""):
+        self.message, self.intact = message, intact
+        super().__init__(message + (f"; {intact}" if intact else ""))
+
+    def with_intact(self, intact: str) -> "ServiceError":
+        """The same error, saying what is kept (set once, by the innermost caller that knows)."""
+        if not self.intact and intact:
+            self.intact = intact
+            self.args = (f"{self.message}; {intact}",)
+        return self
 
 
 def as_storage_error(error: BaseException, path: str) -> Optional["StorageError"]:
@@ -163,3 +182,8 @@ def run_cli(prog: str, main: Callable[[List[str]], int], argv: Optional[Sequence
             traceback.print_exc()
         print(f"{prog}: error: {error}", file=sys.stderr)
         return STORAGE_EXIT
+    except ServiceError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return SERVICE_EXIT

@@ -36,3 +36,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def trained_nlp_path(tmp_path_factory):
+    """A trained spaCy NER + POS pipeline (tests/ner_pipeline.py), trained once per session (~20 s on 2 cores)."""
+    pytest.importorskip("spacy")
+    from ner_pipeline import train_pipeline
+
+    path = str(tmp_path_factory.mktemp("spacy") / "ner-pipeline")
+    train_pipeline(path)
+    return path

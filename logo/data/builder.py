@@ -8,13 +8,15 @@ anti-forgetting share: ~2,000 RedPajama documents next to ~4,000 long QA) are ``
 (paper §3.2.2, App. C):
 
 1. the context is tokenized with the model's tokenizer and cut into chunks of ``--chunk-tokens`` (512);
-2. each chunk is scored by salient-term overlap with the question (:mod:`logo.data.importance`: spaCy named
-   entities as in the paper when available, δ = 6; the release's entities + lemmas + answer variant; or word
-   overlap as the fallback);
+2. each chunk is scored by salient-term overlap with the question and answer (:mod:`logo.data.importance`: by
+   default spaCy named entities ∪ noun / verb lemmas, the release's term set, δ = 2; the paper's literal entity
+   overlap with the question, δ = 6, by name; word overlap as the fallback without spaCy);
 3. with N = ``--context-chunks`` (16, the chunks the training context holds): the critical chunks are the
-   highest-scored ones with score > δ, at most ``--max-critical`` (N / 2); the irrelevant ones are the N minus
-   that many lowest-scored chunks. A record without a critical or an irrelevant chunk is skipped (counted);
-4. the policy model answers three prompts (sampling, T = 0.7, top-p 0.95, batched ``generate``):
+   highest-scored ones with score > δ and >= ``--critical-ratio`` × the best score, at most ``--max-critical``
+   (N / 2); the irrelevant ones are the N minus that many lowest-scored chunks. A record without a critical or an
+   irrelevant chunk is skipped (counted);
+4. the policy model answers three prompts (sampling, T = 0.7, top-p 0.95; batched ``generate`` in-process, or an
+   OpenAI-compatible server with ``--endpoint``, :mod:`logo.data.endpoint`):
    chosen = pi(Q, critical), rejected[0] = pi(Q, irrelevant) (instruction unfollowing: as many irrelevant
    chunks as critical ones), rejected[1] = pi(Q, half critical + half irrelevant) (hallucination);
 5. degenerate samples are dropped (an empty response, a rejected identical to the chosen; counted);
@@ -44,11 +46,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, InputFileError, RunDirectoryError, read_json_lines, run_cli, writing
+from ..errors import ConfigError, InputFileError, RunDirectoryError, ServiceError, read_json_lines, run_cli, writing
 from ..files import write_json_atomically
+from .endpoint import PROMPT_FORMATS, EndpointOptions, endpoint_generator
 from .importance import SCORERS, Scorer, make_scorer
 from .records import PreferenceRecord, read_preference_file
 
@@ -61,7 +65,8 @@ class BuildOptions:
     chunk_tokens: int = 512
     context_chunks: int = 16
     max_critical: Optional[int] = None  # None: context_chunks // 2
-    delta: Optional[int] = None  # None: the scorer's (entities 6, release 2, words 1)
+    delta: Optional[int] = None  # None: the scorer's (terms 2 / 1 without an answer, entities 6, release 2, words 1)
+    critical_ratio: Optional[float] = None  # None: the scorer's (terms 0.5, else 0)
     scorer: str = "auto"
     spacy_model: str = "en_core_web_sm"
     batch_size: int = 4
@@ -82,10 +87,12 @@ class BuildOptions:
             raise ConfigError(f"--max-critical must be in [1, context_chunks), got {self.max_critical}")
         if self.delta is not None and (isinstance(self.delta, bool) or not isinstance(self.delta, int) or self.delta < 0):
             raise ConfigError(f"--delta must be an integer >= 0, got {self.delta!r}")
+        if self.critical_ratio is not None and not 0 <= self.critical_ratio <= 1:
+            raise ConfigError(f"--critical-ratio must be in [0, 1], got {self.critical_ratio}")
         if self.scorer not in SCORERS:
             raise ConfigError(f"--scorer must be one of {SCORERS}, got {self.scorer!r}")
-        if not 0 < self.temperature <= 10:
-            raise ConfigError(f"--temperature must be in (0, 10], got {self.temperature}")
+        if not 0 <= self.temperature <= 10:
+            raise ConfigError(f"--temperature must be in [0, 10] (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         return self
@@ -166,10 +173,12 @@ def split_chunks(tokenizer, text: str, chunk_tokens: int) -> List[str]:
     return [tokenizer.decode(ids[s:s + chunk_tokens]) for s in range(0, len(ids), chunk_tokens)]
 
 
-def select_chunks(scores: Sequence[int], options: BuildOptions, delta: int) -> Tuple[List[int], List[int]]:
+def select_chunks(scores: Sequence[int], options: BuildOptions, delta: int,
+                  ratio: float = 0.0) -> Tuple[List[int], List[int]]:
     """(critical chunk indices, irrelevant chunk indices lowest-scored first), per step 3 of the module doc."""
     ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    critical = [i for i in ranked[:options.critical_limit] if scores[i] > delta]
+    best = scores[ranked[0]] if ranked else 0
+    critical = [i for i in ranked[:options.critical_limit] if scores[i] > delta and scores[i] >= ratio * best]
     room = min(options.context_chunks, len(scores)) - len(critical)
     irrelevant = sorted((i for i in range(len(scores)) if i not in critical), key=lambda i: (scores[i], i))[:room]
     return sorted(critical), irrelevant
@@ -197,8 +206,12 @@ class Plan:
 
 
 def hf_generator(model, tokenizer, options: BuildOptions) -> Callable[[List[List[int]]], List[str]]:
-    """Batched sampling with ``model.generate`` (left padding); returns the decoded continuations."""
+    """Batched sampling with ``model.generate`` (left padding; greedy at temperature 0); returns the decoded
+    continuations and counts the tokens generated in ``.tokens``."""
     import torch
+
+    sampling = (dict(do_sample=True, temperature=options.temperature, top_p=options.top_p)
+                if options.temperature > 0 else dict(do_sample=False))
 
     def generate(prompts: List[List[int]]) -> List[str]:
         width = max(len(p) for p in prompts)
@@ -210,12 +223,13 @@ def hf_generator(model, tokenizer, options: BuildOptions) -> Callable[[List[List
             mask[row, width - len(p):] = 1
         device = next(model.parameters()).device
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 temperature=options.temperature, top_p=options.top_p,
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **sampling,
                                  max_new_tokens=options.max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id)
-        return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
+                                 eos_token_id=tokenizer.eos_token_id).cpu()
+        generate.tokens += int((out[:, width:] != pad).sum())
+        return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
+    generate.tokens = 0
     return generate
 
 
@@ -283,7 +297,8 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
 
     options.validate()
     scorer = scorer or make_scorer(options.scorer, spacy_model=options.spacy_model)
-    delta = scorer.delta if options.delta is None else options.delta
+    delta_for = (lambda answer: options.delta) if options.delta is not None else scorer.threshold
+    ratio = scorer.ratio if options.critical_ratio is None else options.critical_ratio
     partial = out_path + ".partial"
     done = {}
     if os.path.exists(out_path):
@@ -291,7 +306,10 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             done[str(record.id)] = record
     for record in read_partial(partial):
         done[str(record.id)] = record
-    manifest = {"options": {k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS},
+    options_used = {k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS}
+    if scorer.name != options.scorer:  # what auto resolved to (terms, or words without spaCy)
+        options_used["scorer"] = f"{options.scorer} ({scorer.name})"
+    manifest = {"options": options_used,
                 "fingerprints": provenance or {},
                 "records": {str(r.id): _record_hash(r) for r in list(raw) + list(general)}}
     check_manifest(out_path, manifest, built=set(done))
@@ -301,45 +319,53 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
             write_preference_file(list(done.values()), partial)
     counts = {"input": len(raw), "general_input": len(general), "already_built": 0, "built": 0,
               "skipped_no_critical": 0, "skipped_no_irrelevant": 0, "skipped_no_question": 0,
-              "dropped_degenerate": 0, "scorer": scorer.name, "delta": delta}
+              "dropped_degenerate": 0, "scorer": scorer.name, "delta": delta_for("answer"),
+              "delta_without_answer": delta_for(None), "critical_ratio": ratio}
     general_todo = [d for d in general if d.id not in done]
     todo = [r for r in raw if r.id not in done]
     counts["already_built"] = len(raw) + len(general) - len(todo) - len(general_todo)
-    bar = tqdm(total=len(todo) + len(general_todo), desc="building", disable=not progress, dynamic_ncols=True)
-    if general_todo:
-        asked = generate_questions(general_todo, tokenizer, generate, options, counts)
-        bar.update(len(general_todo) - len(asked))
-        todo += asked
-    with writing(partial, intact=_safe_in(partial)), open(partial, "a", encoding="utf-8") as sink:
-        for start in range(0, len(todo), options.batch_size):
-            plans, prompts = [], []
-            for record in todo[start:start + options.batch_size]:
-                chunks = split_chunks(tokenizer, record.context, options.chunk_tokens)
-                scores = scorer.scores(chunks, record.question, record.answer)
-                critical, irrelevant = select_chunks(scores, options, delta)
-                if not critical or not irrelevant:
-                    counts["skipped_no_critical" if not critical else "skipped_no_irrelevant"] += 1
-                    bar.update(1)
-                    continue
-                plan = Plan(record, chunks, critical, irrelevant)
-                plans.append(plan)
-                for context in plan.prompts():
-                    stub = PreferenceRecord(record.id, tuple(context), record.question, "x", ("x",), options.system)
-                    prompts.append(encode_prompt(stub, tokenizer))
-            outputs = generate(prompts) if prompts else []
-            for k, plan in enumerate(plans):
-                chosen, unfollowing, hallucination = outputs[3 * k:3 * k + 3]
-                if degenerate(chosen, (unfollowing, hallucination)) is not None:
-                    counts["dropped_degenerate"] += 1
-                    continue
-                record = PreferenceRecord(plan.record.id, tuple(plan.training_context()), plan.record.question,
-                                          chosen, (unfollowing, hallucination), options.system)
-                sink.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-                counts["built"] += 1
-            sink.flush()
-            os.fsync(sink.fileno())
-            bar.update(len(plans))
-    bar.close()
+    bar = tqdm(total=len(todo) + len(general_todo), desc="building", unit="record", disable=not progress,
+               dynamic_ncols=True)
+    started = time.monotonic()
+    try:
+        if general_todo:
+            asked = generate_questions(general_todo, tokenizer, generate, options, counts)
+            bar.update(len(general_todo) - len(asked))
+            todo += asked
+        with writing(partial, intact=_safe_in(partial)), open(partial, "a", encoding="utf-8") as sink:
+            for start in range(0, len(todo), options.batch_size):
+                plans, prompts = [], []
+                for record in todo[start:start + options.batch_size]:
+                    chunks = split_chunks(tokenizer, record.context, options.chunk_tokens)
+                    scores = scorer.scores(chunks, record.question, record.answer)
+                    critical, irrelevant = select_chunks(scores, options, delta_for(record.answer), ratio)
+                    if not critical or not irrelevant:
+                        counts["skipped_no_critical" if not critical else "skipped_no_irrelevant"] += 1
+                        bar.update(1)
+                        continue
+                    plan = Plan(record, chunks, critical, irrelevant)
+                    plans.append(plan)
+                    for context in plan.prompts():
+                        stub = PreferenceRecord(record.id, tuple(context), record.question, "x", ("x",), options.system)
+                        prompts.append(encode_prompt(stub, tokenizer))
+                outputs = generate(prompts) if prompts else []
+                for k, plan in enumerate(plans):
+                    chosen, unfollowing, hallucination = outputs[3 * k:3 * k + 3]
+                    if degenerate(chosen, (unfollowing, hallucination)) is not None:
+                        counts["dropped_degenerate"] += 1
+                        continue
+                    record = PreferenceRecord(plan.record.id, tuple(plan.training_context()), plan.record.question,
+                                              chosen, (unfollowing, hallucination), options.system)
+                    sink.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+                    counts["built"] += 1
+                sink.flush()
+                os.fsync(sink.fileno())
+                bar.update(len(plans))
+                _show_rate(bar, generate, started)
+    except ServiceError as error:  # a generation server failed: what is built stays in the .partial
+        raise error.with_intact(_safe_in(partial)()) from None
+    finally:
+        bar.close()
     if os.path.getsize(partial) == 0:  # nothing built now or before: write nothing
         os.remove(partial)
         counts["written"] = 0
@@ -350,6 +376,13 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
         os.remove(partial)
     counts["written"] = len(records)
     return counts
+
+
+def _show_rate(bar, generate, started: float) -> None:
+    """Generated tokens per second on the progress bar (records per second is the bar's own rate)."""
+    tokens = getattr(generate, "tokens", None)
+    if tokens is not None:
+        bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):.1f} tokens/s", refresh=False)
 
 
 MANIFEST_SUFFIX = ".build.json"
@@ -451,19 +484,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N: chunks in the training context (critical + irrelevant)")
     b.add_argument("--max-critical", type=int, default=None, help="critical chunks kept at most (default: N / 2)")
     b.add_argument("--scorer", default=d.scorer, choices=SCORERS,
-                   help="chunk importance: spaCy entities (paper), the release's entities+lemmas+answer, word overlap; "
-                        "auto = entities when spaCy and --spacy-model load, else words")
+                   help="chunk importance: terms = entities + noun/verb lemmas of question and answer (the release's "
+                        "set), entities = the paper's literal entity overlap with the question, release = the "
+                        "authors' code, words = word overlap; auto = terms when spaCy and --spacy-model load, else "
+                        "words")
     b.add_argument("--spacy-model", default=d.spacy_model, help="spaCy pipeline name or path")
     b.add_argument("--delta", type=int, default=None,
-                   help="a chunk is critical when its score > delta (default: entities 6, release 2, words 1)")
+                   help="a chunk is critical when its score > delta (default: terms 2, or 1 for a record without an "
+                        "answer; entities 6, release 2, words 1)")
+    b.add_argument("--critical-ratio", type=float, default=None,
+                   help="... and its score >= this x the best chunk's (default: terms 0.5, the others 0)")
     b.add_argument("--batch-size", type=int, default=d.batch_size, help="records per generate call (x3 prompts)")
     b.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated per response")
-    b.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+    b.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0: greedy)")
     b.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling")
     b.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
     b.add_argument("--system", default=None, help="system prompt for generation and the records")
-    b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' dtype of in-process generation")
     b.add_argument("--no-progress", action="store_true")
+    e = b.add_argument_group("generation through an OpenAI-compatible server (vLLM, SGLang, transformers serve); "
+                             "--model still gives the tokenizer, chat template and fingerprints")
+    d = EndpointOptions("", "")
+    e.add_argument("--endpoint", default=None, metavar="URL",
+                   help="the server's base URL, e.g. http://127.0.0.1:8000/v1 (default: generate in-process)")
+    e.add_argument("--endpoint-model", default=None, help="the model name the server serves (default: --model)")
+    e.add_argument("--api-key-env", default=d.api_key_env,
+                   help="environment variable holding the server's API key (not sent when unset)")
+    e.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at most")
+    e.add_argument("--request-timeout", type=float, default=d.timeout, help="seconds one request may take")
+    e.add_argument("--retries", type=int, default=d.retries,
+                   help="retries of a request after a connection error, timeout or HTTP 408/429/5xx")
+    e.add_argument("--retry-backoff", type=float, default=d.backoff,
+                   help="seconds before the first retry, doubled at each next one")
+    e.add_argument("--prompt-format", default=d.prompt_format, choices=PROMPT_FORMATS,
+                   help="send the rendered prompt as text (every server) or as token ids (vLLM, SGLang)")
     return parser
 
 
@@ -479,18 +534,30 @@ def _main(argv: List[str]) -> int:
     if not args.input and not args.general_docs:
         raise ConfigError("give --input (QA records) and/or --general-docs (documents)")
     options = BuildOptions(chunk_tokens=args.chunk_tokens, context_chunks=args.context_chunks,
-                           max_critical=args.max_critical, delta=args.delta, scorer=args.scorer,
-                           spacy_model=args.spacy_model, batch_size=args.batch_size,
+                           max_critical=args.max_critical, delta=args.delta, critical_ratio=args.critical_ratio,
+                           scorer=args.scorer, spacy_model=args.spacy_model, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, system=args.system).validate()
     if not os.path.isdir(args.model):
         raise ConfigError(f"--model: {args.model} is not an existing directory (a local Hugging Face model "
                           "directory; nothing is downloaded)")
+    endpoint = None
+    if args.endpoint is not None:
+        endpoint = EndpointOptions(args.endpoint, args.endpoint_model or args.model, args.api_key_env,
+                                   args.concurrency, args.request_timeout, args.retries, args.retry_backoff,
+                                   args.prompt_format).validate()
     from ..run_lock import RunLock
 
     lock = RunLock(args.out, f"--out {args.out}", inside=False)
     with writing(os.path.dirname(os.path.abspath(args.out))):
-        lock.acquire()  # held until the process ends
+        lock.acquire()
+    try:
+        return _build_locked(args, options, endpoint)
+    finally:
+        lock.release()  # also when the build fails: a caller in the same process may resume at once
+
+
+def _build_locked(args, options: BuildOptions, endpoint) -> int:
     raw = read_raw_file(args.input) if args.input else []
     general = read_general_docs(args.general_docs) if args.general_docs else []
     clash = {r.id for r in raw} & {d.id for d in general}
@@ -503,12 +570,16 @@ def _main(argv: List[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
-    if torch.cuda.is_available():
-        model.cuda()
-    torch.manual_seed(options.seed)
-    counts = build(raw, tokenizer, hf_generator(model, tokenizer, options), args.out, options,
+    if endpoint is not None:
+        generate = endpoint_generator(tokenizer, options, endpoint, log=lambda m: print(m, file=sys.stderr))
+    else:
+        dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+        if torch.cuda.is_available():
+            model.cuda()
+        torch.manual_seed(options.seed)
+        generate = hf_generator(model, tokenizer, options)
+    counts = build(raw, tokenizer, generate, args.out, options,
                    progress=not args.no_progress, scorer=scorer, general=general,
                    provenance=build_fingerprints(args.model))
     print(json.dumps(counts))
@@ -516,7 +587,9 @@ def _main(argv: List[str]) -> int:
         print(f"logo.data: nothing built, nothing written: {counts['skipped_no_critical']} record(s) without a "
               f"critical chunk (score > delta = {counts['delta']}), {counts['skipped_no_irrelevant']} without an "
               f"irrelevant one, {counts['skipped_no_question']} document(s) without a generated question, "
-              f"{counts['dropped_degenerate']} degenerate sample(s)", file=sys.stderr)
+              f"{counts['dropped_degenerate']} degenerate sample(s)"
+              + ("; --scorer entities is the paper read literally and rarely finds a critical chunk, --scorer auto "
+                 "does" if counts["scorer"] == "entities" and counts["skipped_no_critical"] else ""), file=sys.stderr)
         return 1
     return 0
 

@@ -1,18 +1,25 @@
 """Chunk importance for the data builder (paper §3.2.2, App. C): salient-term overlap with the question.
 
-A chunk's score is the number of distinct salient terms it shares with the query. Three scorers:
+A chunk's score is the number of distinct salient terms it shares with the query; a chunk is critical when its
+score is > δ (and, for ``terms``, at least ``ratio`` × the best chunk's score). The scorers:
 
-* ``entities`` (the paper): spaCy named entities of the chunk ∩ those of the question. A chunk is critical
-  when its score exceeds δ (default 6, the paper's).
-* ``release`` (the authors' code, ``ImportanceScoring.py``): entities ∪ noun / verb lemmas, the query being the
-  question *and* the gold answer; the release keeps chunks with overlap >= 3, i.e. δ = 2. Needs a trained
+* ``terms`` (what ``auto`` picks when a spaCy pipeline loads): the release's term set — named entities ∪ noun /
+  proper-noun / verb lemmas (entities ∪ content words when the pipeline has no tagger) — the query being the
+  question *and* the gold answer, stopwords dropped; δ = 2 (>= 3 shared terms, the release's rule; 1 for a record
+  without an answer, whose query has a term or two fewer) and ratio 0.5. This is how this package reads the
+  paper's "score > δ = 6": a real question names two or three entities, so a distinct-entity overlap with the
+  question never exceeds 6; the release's term set of question + answer is what tells the answering chunk apart
+  (docs/data.md has the measurements).
+* ``entities`` (the paper read literally): spaCy named entities of the chunk ∩ those of the question, δ = 6. On
+  real questions it marks no chunk critical; kept by name for comparison.
+* ``release`` (the authors' code, ``ImportanceScoring.py``): entities ∪ noun / proper-noun / verb lemmas of the
+  question and the answer, as the release computes them; δ = 2, no ratio, no fallback without a tagger. Needs a
   pipeline with a tagger and lemmatizer (``en_core_web_sm`` / ``_lg``; the release used ``en_core_web_lg``).
 * ``words`` (the fallback, no spaCy): lower-cased non-stopword words of >= 3 characters and numbers, the query
   being the question and the answer; δ = 1 (two shared content words).
 
-``make_scorer("auto")`` picks ``entities`` when spaCy and an English pipeline load, else ``words`` (and says so).
-A pipeline is a name (``en_core_web_sm``), a path, or a ready ``nlp`` object (tests use ``spacy.blank("en")``
-with an entity ruler: real spaCy entities without a download).
+``make_scorer("auto")`` picks ``terms`` when spaCy and an English pipeline load, else ``words`` (and says so).
+A pipeline is a name (``en_core_web_sm``), a path, or a ready ``nlp`` object.
 """
 from __future__ import annotations
 
@@ -35,9 +42,11 @@ said say says like get got make made many much every answer question document te
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+|\d+(?:[.,]\d+)*")
 
-SCORERS = ("auto", "entities", "release", "words")
+SCORERS = ("auto", "terms", "entities", "release", "words")
 #: δ of each scorer: a chunk is critical when its score is > δ.
-DEFAULT_DELTA = {"entities": 6, "release": 2, "words": 1}
+DEFAULT_DELTA = {"terms": 2, "entities": 6, "release": 2, "words": 1}
+#: ratio of each scorer: a critical chunk also scores >= ratio × the best chunk's score.
+DEFAULT_RATIO = {"terms": 0.5}
 
 
 def salient_terms(text: str) -> Set[str]:
@@ -67,14 +76,34 @@ def release_terms(doc) -> Set[str]:
                                 if tok.pos_ in ("NOUN", "PROPN", "VERB") and not tok.is_stop and tok.lemma_}
 
 
+def tagged(nlp) -> bool:
+    """Whether ``nlp`` assigns parts of speech (a tagger or a morphologizer)."""
+    return "tagger" in nlp.pipe_names or "morphologizer" in nlp.pipe_names
+
+
+def query_terms(nlp) -> Callable[[str], Set[str]]:
+    """The ``terms`` scorer's term set for ``nlp`` (module doc)."""
+    if tagged(nlp):
+        return lambda text: {t for t in release_terms(nlp(text)) if t not in STOPWORDS}
+    return lambda text: entity_terms(nlp(text)) | salient_terms(text)
+
+
 @dataclass
 class Scorer:
-    """scores(chunks, question, answer) -> [int]; ``delta`` is the scorer's default threshold."""
+    """scores(chunks, question, answer) -> [int]; ``delta`` and ``ratio`` are the scorer's default thresholds."""
 
     name: str
     terms: Callable[[str], Set[str]]
     use_answer: bool
     delta: int
+    ratio: float = 0.0
+    delta_without_answer: Optional[int] = None  # None: delta
+
+    def threshold(self, answer: Optional[str] = None) -> int:
+        """δ for a record with (or without) a gold answer: a query without the answer has fewer terms to share."""
+        if answer or not self.use_answer or self.delta_without_answer is None:
+            return self.delta
+        return self.delta_without_answer
 
     def scores(self, chunks: Iterable[str], question: str, answer: Optional[str] = None) -> List[int]:
         query = self.terms(question) | (self.terms(answer) if answer and self.use_answer else set())
@@ -98,10 +127,13 @@ def make_scorer(name: str = "auto", nlp=None, spacy_model: str = "en_core_web_sm
             raise ConfigError(f"--scorer {name} needs spaCy and the {spacy_model!r} pipeline ({error}); install "
                               f"them (pip install 'logo-kernels[data]'; python -m spacy download {spacy_model}) or use "
                               "--scorer words") from None
-    if name in ("auto", "entities"):
+    if name in ("auto", "terms"):
+        return Scorer("terms", query_terms(nlp), use_answer=True, delta=DEFAULT_DELTA["terms"],
+                      ratio=DEFAULT_RATIO["terms"], delta_without_answer=DEFAULT_DELTA["terms"] - 1)
+    if name == "entities":
         return Scorer("entities", lambda text: entity_terms(nlp(text)), use_answer=False,
                       delta=DEFAULT_DELTA["entities"])
-    if "tagger" not in nlp.pipe_names and "morphologizer" not in nlp.pipe_names:
+    if not tagged(nlp):
         raise ConfigError("--scorer release needs a pipeline with a tagger and a lemmatizer (noun / verb lemmas), "
                           f"e.g. en_core_web_sm; {spacy_model!r} has {nlp.pipe_names}")
     return Scorer("release", lambda text: release_terms(nlp(text)), use_answer=True, delta=DEFAULT_DELTA["release"])

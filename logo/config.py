@@ -84,6 +84,8 @@ class TrainConfig:
                           ("sigmoid", "hinge"))
     label_smoothing: float = _opt(0.0, "label smoothing of the sigmoid loss", low=0, high=0.5, high_open=True)
     loss_backend: str = _opt("auto", "fused op backend", ("auto", "torch", "cpp", "triton"), resume="free")
+    loss_filter_eps: Optional[str] = _opt(None, "gradient filtering of the fused op (docs/filtering.md): unset = exact; "
+                                                "'auto' (2^-12 at bf16) or a float in (0, 2^-7]", resume="free")
     # optimisation
     learning_rate: float = _opt(5e-7, "peak learning rate (the authors' release: 5e-7; their experiments span "
                                       "1e-6 .. 1e-4)", low=0, low_open=True)
@@ -145,6 +147,8 @@ class TrainConfig:
         if self.window is not None and self.max_context_tokens is not None and self.window <= self.max_context_tokens:
             raise ConfigError(f"config field 'window' ({self.window}) must exceed max_context_tokens "
                               f"({self.max_context_tokens}): synthesis spreads real tokens over a longer window")
+        if self.loss_filter_eps is not None:
+            self.loss_filter_eps = _filter_eps_field(self.loss_filter_eps)
         if self.loss_type == "hinge" and self.label_smoothing:
             raise ConfigError("config field 'label_smoothing' must be 0 with loss_type 'hinge'")
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
@@ -179,6 +183,24 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _filter_eps_field(value) -> str:
+    """loss_filter_eps: "auto" or a float in (0, 2^-7], kept as its string (the field's type)."""
+    from logo_kernels._validation import check_filter_eps
+
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f"config field 'loss_filter_eps' must be 'auto' or a float in (0, 2^-7], got {text!r}") from None
+    try:
+        check_filter_eps(number)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config field 'loss_filter_eps': {error}") from None
+    return text
 
 
 def _check_field(f: dataclasses.Field, value) -> None:

@@ -52,7 +52,12 @@ class TrainingDiverged(RuntimeError):
 def make_loss(config: TrainConfig) -> LogoLoss:
     return LogoLoss(num_negatives=config.num_negatives, beta=config.beta, gamma=config.gamma,
                     sft_weight=config.sft_weight, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-                    backend=config.loss_backend)
+                    backend=config.loss_backend, filter_eps=filter_eps_option(config.loss_filter_eps))
+
+
+def filter_eps_option(field):
+    """The config's loss_filter_eps string as linear_logprobs takes it (None, "auto" or a float)."""
+    return None if field is None else (field if field == "auto" else float(field))
 
 
 def evaluate(model, tokenizer, heldout, loss_fn, config: TrainConfig, world: World, run_dir: str = None,

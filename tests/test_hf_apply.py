@@ -160,3 +160,30 @@ def test_a_hugging_face_trainer_run_gives_the_unpatched_losses(tmp_path):
     assert len(plain) == len(fused) == 3
     for (loss_a, norm_a), (loss_b, norm_b) in zip(plain, fused):
         assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-5)
+
+
+def test_filter_eps_reaches_the_op_and_bad_values_are_refused():
+    """apply(model, filter_eps=...): the same loss, a backward that skips what is below eps (the tiny model's
+    probabilities are ~1/1024 < 2^-7, so every 128-id block without the target is skipped), the exact gradients
+    again after a re-apply without it; a bad value is refused before the model is touched."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(SHAPE, vocab_size=1024)))
+    ids, labels = batch()
+    exact = model(input_ids=ids, labels=labels)
+    exact.loss.backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="filter_eps must lie in"):
+        hf.apply(model, filter_eps=0.5)
+    assert not hf.is_applied(model)
+    hf.apply(model, filter_eps=2.0**-7)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, exact.loss, rtol=1e-5, atol=1e-6)
+    got = grads(model)
+    assert not torch.allclose(got["lm_head.weight"], expected["lm_head.weight"], rtol=1e-4, atol=1e-6)
+    hf.revert(model)
+    model.zero_grad(set_to_none=True)
+    hf.apply(model)
+    model(input_ids=ids, labels=labels).loss.backward()
+    torch.testing.assert_close(grads(model)["lm_head.weight"], expected["lm_head.weight"], rtol=1e-4, atol=1e-6)

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from logo.data.tokenizer import default_tokenizer  # noqa: E402
+import logo_kernels  # noqa: E402
 from logo_kernels.integrations import trl as logo_trl  # noqa: E402
 
 STEPS = 3
@@ -222,6 +223,29 @@ def test_all_outputs_and_gradients_equal_trls_kernel():
             assert torch.equal(a, b), name
         else:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_filter_eps_reaches_the_op_and_bad_values_are_refused_at_enable():
+    g = torch.Generator().manual_seed(1)
+    hidden, weight, bias = torch.randn(64, 16, generator=g), torch.randn(500, 16, generator=g), \
+        torch.randn(500, generator=g)
+    targets = torch.randint(0, 500, (64,), generator=g)
+    upstream = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    exact = _kernel_outputs(logo_trl.LogoChunkedLogProb, hidden, weight, bias, targets, upstream)
+    with logo_trl.enabled(filter_eps=2.0**-7):
+        filtered = _kernel_outputs(logo_trl.LogoChunkedLogProb, hidden, weight, bias, targets, upstream)
+    h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    stats = logo_kernels.linear_logprobs(h, w, targets, b, outputs=("logp", "entropy"), filter_eps=2.0**-7,
+                                         temperature=0.7, softcap=5.0, logit_scale=1.3)  # as _kernel_outputs
+    (stats.logp * upstream[0] + stats.entropy * upstream[1]).sum().backward()
+    for name, ours, op in (("d_hidden", filtered[5], h.grad), ("d_weight", filtered[6], w.grad),
+                           ("d_bias", filtered[7], b.grad)):
+        torch.testing.assert_close(ours, op, rtol=1e-6, atol=1e-6, msg=name)
+    assert not torch.allclose(filtered[6], exact[6], rtol=1e-6, atol=1e-6), "nothing skipped: the test tests nothing"
+    assert logo_trl.LogoChunkedLogProb.filter_eps is None  # the block's option ends with the block
+    with pytest.raises(ValueError, match="filter_eps must lie in"):
+        logo_trl.enable(filter_eps=0.5)
+    assert not logo_trl.is_enabled()
 
 
 def test_outputs_not_asked_for_are_none_and_the_frozen_head_takes_no_weight_gradient():

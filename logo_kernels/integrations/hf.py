@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._zero3 import gathered
+from .._validation import check_filter_eps
 from ..linear_logprobs import linear_logprobs
 from ..losses.logo import LogoLoss, LogoLossOutput
 
@@ -201,9 +202,11 @@ def causal_lm_logo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, lo
 _ORIGINAL = "_logo_kernels_original_forward"
 
 
-def apply(model, *, backend: str = "auto"):
+def apply(model, *, backend: str = "auto", filter_eps=None):
     """Patches ``model`` (a ``*ForCausalLM``, plain or peft-wrapped) so that calls with ``labels`` return the fused
-    loss and ``logits=None`` (module doc); returns ``model``. Idempotent."""
+    loss and ``logits=None`` (module doc); returns ``model``. Idempotent (a second call keeps the first's options).
+    ``filter_eps``: the op's gradient filtering (None: exact; "auto" or a float, docs/filtering.md)."""
+    check_filter_eps(filter_eps, torch.float32)
     lm = unwrap_causal_lm(model)
     causal_lm_parts(lm)  # raises for anything that is not a causal LM
     text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -225,7 +228,7 @@ def apply(model, *, backend: str = "auto"):
         labels, shift_labels = named.pop("labels", None), named.pop("shift_labels", None)
         if labels is None:  # as Hugging Face: no labels, no loss (shift_labels only replace the shifted labels)
             return original(*args, **kwargs)
-        return _fused_loss(self, named, labels, shift_labels, backend)
+        return _fused_loss(self, named, labels, shift_labels, backend, filter_eps)
 
     setattr(lm, _ORIGINAL, original)
     lm.forward = types.MethodType(fused_forward, lm)
@@ -248,7 +251,7 @@ def is_applied(model) -> bool:
 _NOT_FOR_THE_BACKBONE = ("logits_to_keep", "num_items_in_batch", "return_dict")
 
 
-def _fused_loss(lm, named: dict, labels, shift_labels, backend: str):
+def _fused_loss(lm, named: dict, labels, shift_labels, backend: str, filter_eps=None):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items_in_batch = named.get("num_items_in_batch")
@@ -265,7 +268,7 @@ def _fused_loss(lm, named: dict, labels, shift_labels, backend: str):
     scored = targets != -100
     with effective_head(head) as (weight, bias):
         logp = linear_logprobs(hidden[scored], weight, targets[scored], bias, softcap=transform.softcap,
-                               logit_scale=transform.logit_scale, backend=backend)
+                               logit_scale=transform.logit_scale, backend=backend, filter_eps=filter_eps)
     total = -logp.sum()
     if num_items_in_batch is None:  # mean over the scored tokens (0 / 0 = nan when there is none, as in HF)
         loss = total / scored.sum()

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._validation import check_filter_eps
 from ..linear_logprobs import linear_logprobs
 from ._dropin import check_contract, enabled_block, restore_attributes
 
@@ -45,6 +46,7 @@ class LogoChunkedLogProb:
     mean_logits, is_top1), each [N] or None when not in ``outputs``; log_probs always."""
 
     backend = "auto"
+    filter_eps = None  # gradient filtering of the op (docs/filtering.md); None: exact
 
     @classmethod
     def apply(cls, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
@@ -53,7 +55,8 @@ class LogoChunkedLogProb:
         wanted = ("logp",) + tuple(name for name in _EXTRA if name in outputs)
         stats = linear_logprobs(hidden, weight, targets, bias, temperature=float(temperature),
                                 softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
-                                logit_scale=float(logit_scale), outputs=wanted, backend=cls.backend)
+                                logit_scale=float(logit_scale), outputs=wanted, backend=cls.backend,
+                                filter_eps=cls.filter_eps)
         return stats.logp, stats.entropy, stats.log_sum_sq_probs, stats.mean_logits, stats.is_top1
 
 
@@ -81,11 +84,14 @@ def _check_version(allow_untested: bool):
     return trl_utils
 
 
-def enable(*, backend: str = "auto", allow_untested: bool = False) -> None:
-    """Routes TRL's fused LM head to :func:`logo_kernels.linear_logprobs` (module doc); idempotent."""
+def enable(*, backend: str = "auto", allow_untested: bool = False, filter_eps=None) -> None:
+    """Routes TRL's fused LM head to :func:`logo_kernels.linear_logprobs` (module doc); idempotent. ``filter_eps``:
+    the op's gradient filtering (None: exact; "auto" or a float, docs/filtering.md)."""
     global _saved
+    check_filter_eps(filter_eps, torch.float32)
     trl_utils = _check_version(allow_untested)
     LogoChunkedLogProb.backend = backend
+    LogoChunkedLogProb.filter_eps = filter_eps
     if _saved is None:
         _saved = {(trl_utils, "_ChunkedLogProbFunction"): trl_utils._ChunkedLogProbFunction,
                   (trl_utils, "_use_triton"): trl_utils._use_triton}
@@ -96,6 +102,7 @@ def enable(*, backend: str = "auto", allow_untested: bool = False) -> None:
 def disable() -> None:
     """TRL's own kernel again; idempotent."""
     global _saved
+    LogoChunkedLogProb.backend, LogoChunkedLogProb.filter_eps = "auto", None
     if _saved is None:
         return
     restore_attributes(_saved)
@@ -106,6 +113,7 @@ def is_enabled() -> bool:
     return _saved is not None
 
 
-def enabled(*, backend: str = "auto", allow_untested: bool = False):
+def enabled(*, backend: str = "auto", allow_untested: bool = False, filter_eps=None):
     """``with enabled(): trainer.train()`` — TRL on our op inside the block only."""
-    return enabled_block(enable, disable, is_enabled, backend=backend, allow_untested=allow_untested)
+    return enabled_block(enable, disable, is_enabled, backend=backend, allow_untested=allow_untested,
+                         filter_eps=filter_eps)

@@ -52,6 +52,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._validation import check_filter_eps
 from ..linear_logprobs import linear_logprobs
 from ._dropin import check_contract, enabled_block, restore_attributes
 
@@ -63,6 +64,7 @@ _REDUCTIONS = ("none", "sum", "mean")
 
 _saved: Optional[dict] = None
 _backend = "auto"
+_filter_eps = None
 
 
 def _full(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,7 @@ def _logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"input_ids {tuple(labels.shape)} must match hidden_states {tuple(hidden.shape)} without "
                          "its last dimension")
     stats = linear_logprobs(hidden, _full(weight, hidden), labels, temperature=_check_temperature(temperature),
-                            outputs=("logp", "entropy"), backend=_backend)
+                            outputs=("logp", "entropy"), backend=_backend, filter_eps=_filter_eps)
     return stats.logp, stats.entropy
 
 
@@ -229,12 +231,14 @@ def _modules(allow_untested: bool):
     return monkey_patch, torch_functional, lce
 
 
-def enable(*, backend: str = "auto", allow_untested: bool = False) -> None:
+def enable(*, backend: str = "auto", allow_untested: bool = False, filter_eps=None) -> None:
     """Routes verl's fused log-prob / entropy kernels to :func:`logo_kernels.linear_logprobs` (module doc);
-    ``backend`` is the op's ("auto", "cpp", "torch", "triton"). Idempotent."""
-    global _saved, _backend
+    ``backend`` is the op's ("auto", "cpp", "torch", "triton"), ``filter_eps`` its gradient filtering (None: exact;
+    "auto" or a float, docs/filtering.md). Idempotent."""
+    global _saved, _backend, _filter_eps
+    check_filter_eps(filter_eps, torch.float32)
     monkey_patch, torch_functional, lce = _modules(allow_untested)
-    _backend = backend
+    _backend, _filter_eps = backend, filter_eps
     if _saved is None:
         _saved = {(torch_functional, "FusedLinearForPPO"): torch_functional.FusedLinearForPPO,
                   (lce, "linear_cross_entropy"): lce.linear_cross_entropy,
@@ -250,7 +254,8 @@ def enable(*, backend: str = "auto", allow_untested: bool = False) -> None:
 
 def disable() -> None:
     """verl's own kernels again; idempotent."""
-    global _saved
+    global _saved, _backend, _filter_eps
+    _backend, _filter_eps = "auto", None
     if _saved is None:
         return
     restore_attributes(_saved)
@@ -261,6 +266,7 @@ def is_enabled() -> bool:
     return _saved is not None
 
 
-def enabled(*, backend: str = "auto", allow_untested: bool = False):
+def enabled(*, backend: str = "auto", allow_untested: bool = False, filter_eps=None):
     """``with enabled(): ...`` — verl on our op inside the block only."""
-    return enabled_block(enable, disable, is_enabled, backend=backend, allow_untested=allow_untested)
+    return enabled_block(enable, disable, is_enabled, backend=backend, allow_untested=allow_untested,
+                         filter_eps=filter_eps)

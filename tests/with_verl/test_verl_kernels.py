@@ -240,3 +240,36 @@ def test_enable_disable_and_version_check(monkeypatch):
     with pytest.warns(RuntimeWarning, match="verl 0.0.1"):
         logo_verl.enable(allow_untested=True)
     assert logo_verl.is_enabled()
+
+
+def test_filter_eps_reaches_the_op_from_enable_and_from_the_environment(monkeypatch):
+    """enable(filter_eps=...) and LOGO_VERL_FILTER_EPS (the Ray workers' route) give the op's filtered gradients;
+    disable() drops the option; bad values are refused naming them."""
+    import importlib
+
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(40, 16, generator=g), torch.randn(600, 16, generator=g)
+    ids = torch.randint(0, 600, (40,), generator=g)
+    g_logp, g_entropy = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    stats = lk.linear_logprobs(h, w, ids, outputs=("logp", "entropy"), temperature=0.8, filter_eps=2.0**-7)
+    (stats.logp * g_logp + stats.entropy * g_entropy).sum().backward()
+    exact = verl_outputs(logo_verl.LogoFusedLinearForPPO, hidden, weight, ids, 0.8, g_logp, g_entropy)
+    for route in ("enable", "environment"):
+        if route == "enable":
+            logo_verl.enable(filter_eps=2.0**-7)
+        else:
+            monkeypatch.setenv("LOGO_VERL_FILTER_EPS", str(2.0**-7))
+            importlib.reload(importlib.import_module("logo_kernels.integrations.verl_autoenable"))
+        ours = verl_outputs(torch_functional.FusedLinearForPPO, hidden, weight, ids, 0.8, g_logp, g_entropy)
+        torch.testing.assert_close(ours[2], h.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours[3], w.grad, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(ours[3], exact[3], rtol=1e-6, atol=1e-6), "nothing skipped"
+        logo_verl.disable()
+    again = verl_outputs(logo_verl.LogoFusedLinearForPPO, hidden, weight, ids, 0.8, g_logp, g_entropy)
+    torch.testing.assert_close(again[3], exact[3], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="filter_eps must lie in"):
+        logo_verl.enable(filter_eps=1.0)
+    monkeypatch.setenv("LOGO_VERL_FILTER_EPS", "tiny")
+    with pytest.raises(ValueError, match="LOGO_VERL_FILTER_EPS must be 'auto' or a float, got 'tiny'"):
+        importlib.reload(importlib.import_module("logo_kernels.integrations.verl_autoenable"))

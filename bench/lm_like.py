@@ -20,7 +20,7 @@ With the defaults (fitted to the figures quoted in issue 23 for real LMs), at V 
 tokens: per-token entropy median 2.9 nats (10 % / 90 %: 0.6 / 5.4), ~130 entries above 2^-12 per token (the
 issue's ~125), the mass below 2^-12 8 % per token (median); the share of (token, 128-id block) pairs holding an
 entry above 2^-12 is 13 % in id order and 3.4 % sorted by mean logit; of 128 x 128 tiles 98 % and 38 %
-(``python bench/lm_like.py`` prints these for any shape). What it does not model: the long tail of a trained
+(``python bench/lm_like.py`` prints these for any shape, with the share of pairs the filter visits). What it does not model: the long tail of a trained
 model's logits is not Gaussian, and real topics are not sets of uniformly drawn ids — the sorted shares are
 likely optimistic (a third-party count on Qwen2.5-0.5B found 49 % of 128 x 128 tiles live sorted, 61 % in id
 order).
@@ -96,19 +96,21 @@ def sample_targets(hidden: torch.Tensor, weight: torch.Tensor, seed: int = 0, ch
     return torch.cat(out)
 
 
-def sparsity(hidden: torch.Tensor, weight: torch.Tensor, eps: float = 2.0**-12, block: int = 128,
-             tile_tokens: int = 128, chunk: int = 256) -> dict:
-    """Per-token entropy quantiles, entries above ``eps`` per token, the mass below it, and the share of live
-    (token, ``block``-id block) pairs and of live ``tile_tokens`` x ``block`` tiles, in id order and sorted by
-    mean logit (the order the filter walks) — computed in fp64 from the materialised logits, chunk by chunk."""
-    from logo_kernels.backends import mean_logit_order
+def sparsity(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, eps: float = 2.0**-12,
+             block: int = 128, tile_tokens: int = 128, chunk: int = 256) -> dict:
+    """What gradient filtering at ``eps`` finds in these logits (fp64, materialised chunk by chunk): per-token entropy
+    quantiles, entries above ``eps`` per token, the probability mass below it; the share of (token, ``block``-id
+    block) pairs holding an entry above ``eps`` and of ``tile_tokens`` x ``block`` tiles doing so, in id order and in
+    the filter's mean-logit order; and the share of pairs the filter actually visits (its rule, with the
+    skipped-mass cap: ``live_pairs``)."""
+    from logo_kernels.backends import FILTER_MASS_FACTOR, live_pairs, mean_logit_order
 
     n, vocab = hidden.shape[0], weight.shape[0]
     order = mean_logit_order(hidden, weight, None)
+    position = torch.argsort(order)
     blocks = -(-vocab // block)
-    entropy, above, below_mass = [], [], []
-    pairs = {"id": 0, "sorted": 0}
-    live_rows = {"id": [], "sorted": []}
+    entropy, above, below_mass, filter_live = [], [], [], 0
+    per_pair_rows = {"id": [], "sorted": []}
     for start in range(0, n, chunk):
         log_p = torch.log_softmax((hidden[start:start + chunk] @ weight.T).double(), dim=1)
         prob = log_p.exp()
@@ -119,20 +121,25 @@ def sparsity(hidden: torch.Tensor, weight: torch.Tensor, eps: float = 2.0**-12, 
         for name, cols in (("id", None), ("sorted", order)):
             walked = live if cols is None else live.index_select(1, cols)
             padded = torch.nn.functional.pad(walked, (0, blocks * block - vocab))
-            per_pair = padded.view(walked.shape[0], blocks, block).any(2)
-            pairs[name] += int(per_pair.sum())
-            live_rows[name].append(per_pair)
+            per_pair_rows[name].append(padded.view(walked.shape[0], blocks, block).any(2))
+        walked = torch.nn.functional.pad(log_p.index_select(1, order), (0, blocks * block - vocab),
+                                         value=float("-inf")).view(log_p.shape[0], blocks, block)
+        rows = targets[start:start + chunk]
+        filter_live += int(live_pairs(walked.amax(2), torch.logsumexp(walked, dim=2),
+                                      torch.zeros(len(rows), dtype=torch.float64), position[rows] // block,
+                                      math.log(eps), FILTER_MASS_FACTOR * eps).sum())
     q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     ent, abv, mass = torch.cat(entropy), torch.cat(above), torch.cat(below_mass)
     out = {"entropy_q10": ent.quantile(q[0]).item(), "entropy_median": ent.quantile(q[1]).item(),
            "entropy_q90": ent.quantile(q[2]).item(), "above_eps_per_token_median": abv.median().item(),
            "below_eps_mass_median": mass.median().item()}
     for name in ("id", "sorted"):
-        per_pair = torch.cat(live_rows[name])
+        per_pair = torch.cat(per_pair_rows[name])
         usable = per_pair.shape[0] // tile_tokens * tile_tokens
         per_tile = per_pair[:usable].view(-1, tile_tokens, blocks).any(1) if usable else per_pair.any(0, keepdim=True)
-        out[f"live_pairs_{name}"] = pairs[name] / (n * blocks)
+        out[f"live_pairs_{name}"] = per_pair.double().mean().item()
         out[f"live_tiles_{name}"] = per_tile.double().mean().item()
+    out["filter_visited_pairs"] = filter_live / (n * blocks)
     return out
 
 
@@ -146,7 +153,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     hidden, weight = lm_like(args.n, args.vocab, args.dim, args.seed)
     print(asdict(LmLike()))
-    for key, value in sparsity(hidden, weight, args.eps).items():
+    for key, value in sparsity(hidden, weight, sample_targets(hidden, weight, args.seed), args.eps).items():
         print(f"{key:28s} {value:.4g}")
 
 

@@ -27,7 +27,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
                         const at::Tensor& targets, double logit_scale, double inv_temperature, double softcap,
                         int64_t block_tokens, int64_t block_vocab, bool with_basis, bool want_entropy,
                         bool want_log_sum_sq, bool want_mean, bool want_top1, int64_t workspace_bytes, bool filter,
-                        double log_filter_eps, const std::optional<at::Tensor>& order);
+                        double log_filter_eps, double max_skipped_mass, const std::optional<at::Tensor>& order);
 
 // -> (grad_hidden, grad_weight, grad_bias); [0]-sized where not asked for. With `live` (the forward's, same
 // block_vocab and order) only the live (token, tile) pairs are recomputed and multiplied.

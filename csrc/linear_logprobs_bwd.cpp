@@ -9,13 +9,16 @@
 // its own fp32 buffer (slice 0 writes straight into the output). The superblock size bounds those buffers
 // (`workspace_bytes`).
 //
-// Filtered (`live` from the forward): the walk goes over vocabulary tiles (of the forward's `order`) and, in each,
-// over the tokens whose (token, tile) pair is live only: a run of consecutive live tokens is a view of H, any
-// other set is gathered (index_select) into a contiguous block, its dH rows scattered back with index_add_. A
+// Filtered (`live` from the forward): the walk goes over vocabulary tiles (of the forward's `order`; worker s owns
+// tiles s, s + slices, ...) and, in each,
+// over the tokens whose (token, tile) pair is live only: a dense run of tokens (half or more of them live) is a view
+// of H whose skipped rows get a zero gradient, any other set is gathered (index_select) into a contiguous block, its
+// dH rows scattered back with index_add_. A
 // skipped pair costs nothing — neither its logits nor its products. Every entry of a skipped pair has
 // p < filter_eps and is not the target, so its dL/dx lies below chain * filter_eps * (|a| + |c| ln(1/filter_eps)).
 #include "linear_logprobs.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace logo_kernels {
@@ -84,10 +87,11 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
       std::vector<float> coef_t(bn);
       for (int64_t s = s_begin; s < s_end; ++s) {
         if (need_hidden) dh_partial[s] = s == 0 ? dh32.narrow(0, sb0, nsb) : at::zeros({nsb, dim}, f32);
-        const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
-        for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
-          const int64_t cur_bv = std::min(bv, slice.end - v0);
-          const int64_t tile = v0 / bv;
+        // tiles dealt round-robin: the sorted walk puts the busiest tiles first, contiguous slices would load one
+        // worker with most of the live pairs
+        for (int64_t tile = s; tile < num_tiles; tile += slices) {
+          const int64_t v0 = tile * bv;
+          const int64_t cur_bv = std::min(bv, vocab - v0);
           at::Tensor wt;  // built at the first live token of the tile
           const float* bt = nullptr;
           at::Tensor dw_acc = need_weight ? (order.defined() ? dw_tile.narrow(0, 0, cur_bv) : dw32.narrow(0, v0, cur_bv))
@@ -113,29 +117,41 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
                 if (need_bias) db_acc.zero_();
               }
             }
-            const bool contiguous = rows[k - 1] - rows[0] == k - 1;
+            // a dense run (at least half of a contiguous span of <= bn tokens live) is computed as that span, the
+            // dead rows' gradient zeroed after: views of H and of dH instead of a gather and a scatter
+            const int64_t span = rows[k - 1] - rows[0] + 1;
+            const bool contiguous = span <= bn && 2 * k >= span;
+            const int64_t m = contiguous ? span : k;
+            const int64_t first = rows[0];
             const at::Tensor idx = rows_buf.narrow(0, 0, k);
-            const at::Tensor h_rows = contiguous ? h32.narrow(0, rows[0], k) : h32.index_select(0, idx);
+            const at::Tensor h_rows = contiguous ? h32.narrow(0, first, m) : h32.index_select(0, idx);
             auto pick = [&](const at::Tensor& v) {
-              return !v.defined() ? at::Tensor() : contiguous ? v.narrow(0, rows[0], k) : v.index_select(0, idx);
+              return !v.defined() ? at::Tensor() : contiguous ? v.narrow(0, first, m) : v.index_select(0, idx);
             };
-            for (int64_t r = 0; r < k; ++r) {
-              const int64_t at_col = tpos[rows[r]] - v0;
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t token = contiguous ? first + r : rows[r];
+              const int64_t at_col = tpos[token] - v0;
               targets_at[r] = at_col >= 0 && at_col < cur_bv ? at_col : -1;
-              coef_t[r] = ct_all[rows[r]];
+              coef_t[r] = ct_all[token];
             }
             auto tile_of = [&](const at::Tensor& b) {
-              return b.defined() ? b.narrow(0, 0, k * cur_bv).view({k, cur_bv}) : at::Tensor();
+              return b.defined() ? b.narrow(0, 0, m * cur_bv).view({m, cur_bv}) : at::Tensor();
             };
             at::Tensor x = tile_of(x_buf);
             at::Tensor slope = tile_of(slope_buf);
             at::Tensor weights = tile_of(weights_buf);
             compute_logits_tile(x, h_rows, wt, bt, tf, slope.defined() ? &slope : nullptr);
             grad_logits_tile(x, pick(co.a), pick(co.c), coef_t.data(), pick(co.lse), targets_at.data(), slope, weights);
+            if (contiguous && m != k) {  // the skipped pairs of the span contribute nothing (the rule, exactly)
+              float* xp = x.data_ptr<float>();
+              for (int64_t r = 0; r < m; ++r) {
+                if (!live_p[(first + r) * num_tiles + tile]) std::fill(xp + r * cur_bv, xp + (r + 1) * cur_bv, 0.0f);
+              }
+            }
             if (need_hidden) {
               at::Tensor& acc = dh_partial[s];
               if (contiguous) {
-                acc.narrow(0, rows[0] - sb0, k).addmm_(x, wt);
+                acc.narrow(0, first - sb0, m).addmm_(x, wt);
               } else {
                 acc.index_add_(0, idx - sb0, at::mm(x, wt));
               }

@@ -21,8 +21,10 @@
 //
 // Gradient filtering (`filter`): the vocabulary is walked in `order` (a permutation, e.g. by mean logit; the
 // identity when undefined) in tiles of `block_vocab` rows, and the forward records each token's maximum logit per
-// tile. Once the superblock's log-sum-exp is known it returns live[t, b] = max_{j in tile b} x_tj - lse_t >=
-// log_filter_eps, or tile b holds the target of t: the backward skips every (token, tile) pair that is not live.
+// tile and the tile's log-sum-exp. Once the superblock's log-sum-exp is known it marks skippable the pairs whose
+// largest probability is below filter_eps and that do not hold the target, and skips them least probable first
+// while the token's skipped probability mass stays <= max_skipped_mass (logo_kernels/backends/base.py
+// live_pairs, the same ATen ops): live[t, b] for the backward.
 #include "linear_logprobs.h"
 
 #include <limits>
@@ -44,7 +46,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
                         const at::Tensor& targets, double logit_scale, double inv_temperature, double softcap,
                         int64_t block_tokens, int64_t block_vocab, bool with_basis, bool want_entropy,
                         bool want_log_sum_sq, bool want_mean, bool want_top1, int64_t workspace_bytes, bool filter,
-                        double log_filter_eps, const std::optional<at::Tensor>& order_arg) {
+                        double log_filter_eps, double max_skipped_mass, const std::optional<at::Tensor>& order_arg) {
   check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
   const int64_t n = hidden.size(0);
   const int64_t dim = hidden.size(1);
@@ -78,7 +80,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
   const int64_t bn = std::min(block_tokens, n);
   const int64_t slices = num_vocab_slices(vocab, bv);
   const int64_t basis_bytes_per_token = with_basis ? slices * dim * static_cast<int64_t>(sizeof(float)) : 0;
-  const int64_t tile_max_bytes_per_token = filter ? num_tiles * static_cast<int64_t>(sizeof(float)) : 0;
+  const int64_t tile_max_bytes_per_token = filter ? 2 * num_tiles * static_cast<int64_t>(sizeof(float)) : 0;
   const int64_t sb = superblock_tokens(n, basis_bytes_per_token + tile_max_bytes_per_token, bn, workspace_bytes);
   // The floor keeps exp(m_old - m_new) finite when a whole tile is -inf (e.g. a bias that masks tokens out).
   const float floor = std::numeric_limits<float>::lowest();
@@ -99,8 +101,9 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> basis_partial(slices);
-    // the maximum logit of each (token of the superblock, tile): [nsb, tiles]
+    // the maximum logit and the log-sum-exp of each (token of the superblock, tile): [nsb, tiles]
     const at::Tensor tile_max = filter ? at::empty({nsb, num_tiles}, f32) : at::Tensor();
+    const at::Tensor tile_lse = filter ? at::empty({nsb, num_tiles}, f32) : at::Tensor();
     walk_superblock(
         h32, w, bias_ptr, tf, order, sb0, nsb, bn, bv, slices, scratch_tiles, need_slope,
         [&](int64_t s) {
@@ -152,7 +155,9 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
             at::mul_out(x, e, e);
             sq.mul_(rescale.square()).add_(x.sum(1));
           }
-          sum.mul_(rescale).add_(e.sum(1));
+          const at::Tensor tile_sum = e.sum(1);
+          if (filter) tile_lse.select(1, t.v0 / bv).narrow(0, t.n0 - sb0, t.cur_bn).copy_(tile_sum.log() + m_new);
+          sum.mul_(rescale).add_(tile_sum);
           if (with_basis) {
             if (need_slope) e.mul_(slope);
             basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1)).addmm_(e, t.w_tile);
@@ -168,11 +173,15 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
     const at::Tensor total = (rsum * weights).sum(0);
     at::Tensor lse_sb = lse.narrow(0, sb0, nsb);
     lse_sb.copy_(m + total.log());
-    if (filter) {  // live = the tile's max log-prob reaches the threshold, or the tile holds the target
-      at::Tensor live_sb = live.narrow(0, sb0, nsb);
-      live_sb.copy_((tile_max - lse_sb.unsqueeze(1)).ge_(log_filter_eps));
-      const at::Tensor target_tile = target_pos.narrow(0, sb0, nsb).div(bv, "floor").unsqueeze(1);
-      live_sb.scatter_(1, target_tile, true);
+    if (filter) {  // logo_kernels/backends/base.py live_pairs
+      const at::Tensor lse_col = lse_sb.unsqueeze(1);
+      at::Tensor dead = (tile_max - lse_col).lt(log_filter_eps);
+      dead.scatter_(1, target_pos.narrow(0, sb0, nsb).div(bv, "floor").unsqueeze(1), false);
+      const at::Tensor mass = at::where(dead, (tile_lse - lse_col).exp_(), std::numeric_limits<float>::infinity());
+      const auto sorted = at::sort(mass, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+      const at::Tensor skip = at::zeros_like(dead).scatter_(1, std::get<1>(sorted),
+                                                             std::get<0>(sorted).cumsum(1).le(max_skipped_mass));
+      live.narrow(0, sb0, nsb).copy_(skip.logical_not());
     }
     if (want_entropy) {  // T = sum_s w_s (T_s + (m_s - m) S_s);  H = log S - T / S
       const at::Tensor shift = at::where(rsum > 0, (rmax - m.unsqueeze(0)) * rsum, at::zeros_like(rsum));

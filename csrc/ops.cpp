@@ -34,7 +34,7 @@ TORCH_LIBRARY(logo_kernels, m) {
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float logit_scale, "
       "float inv_temperature, float softcap, int block_tokens, int block_vocab, bool with_basis, bool want_entropy, "
       "bool want_log_sum_sq, bool want_mean, bool want_top1, int workspace_bytes, bool filter, "
-      "float log_filter_eps, Tensor? order) "
+      "float log_filter_eps, float max_skipped_mass, Tensor? order) "
       "-> (Tensor logp, Tensor lse, Tensor basis, Tensor entropy, Tensor log_sum_sq_probs, Tensor mean_logits, "
       "Tensor is_top1, Tensor live)");
   m.def(

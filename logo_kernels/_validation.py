@@ -153,7 +153,7 @@ def check_filter_eps(filter_eps, *dtypes: torch.dtype) -> Optional[float]:
         if filter_eps != "auto":
             raise ValueError(f"filter_eps must be None, 'auto' or a float in (0, 2^-7], got {filter_eps!r}")
         return auto_filter_eps(*dtypes)
-    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)):
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, numbers.Real):
         raise TypeError(f"filter_eps must be None, 'auto' or a float in (0, 2^-7], got {filter_eps!r}")
     value = float(filter_eps)
     if not (0.0 < value <= MAX_FILTER_EPS):  # also refuses NaN

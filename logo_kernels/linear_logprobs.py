@@ -132,7 +132,8 @@ class _LinearLogprobs(torch.autograd.Function):
         recomputes = not frozen_head or "entropy" in stats
         with _zero3.gathered(weight, bias), _no_autocast(hidden.device):
             filtering = None
-            if filter_eps is not None and recomputes and h.shape[0] > 0:
+            differentiable = any(ctx.needs_input_grad[:3])  # no gradient (no_grad, a reference model): no filter
+            if filter_eps is not None and recomputes and differentiable and h.shape[0] > 0:
                 filtering = Filter(filter_eps, mean_logit_order(h, weight, bias))
             rows = backend.forward(h.contiguous(), weight.contiguous(), bias, t.contiguous(), transform, options,
                                    with_basis=frozen_head, stats=stats, filtering=filtering)

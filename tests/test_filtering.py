@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 import logo_kernels as lk  # noqa: E402
 from conftest import CPU_BACKENDS  # noqa: E402
 from logo_kernels._validation import MAX_FILTER_EPS, auto_filter_eps  # noqa: E402
-from logo_kernels.backends import FILTER_BLOCK, Filter, mean_logit_order  # noqa: E402
+from logo_kernels.backends import FILTER_BLOCK, FILTER_MASS_FACTOR, Filter, mean_logit_order  # noqa: E402
 from reference import Result, assert_close_to_reference, materialized, transformed_logits  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -44,6 +44,8 @@ def small_triton_tiles(monkeypatch):
 
 def granularity(backend: str, vocab: int):
     """(vocabulary block, token block, extra op kwargs) of ``backend``'s filtering decision."""
+    if backend == "cpp":  # a small token block: several gathers and dense runs per tile
+        return FILTER_BLOCK, 1, {"chunk_size": 8}
     if backend != "triton":
         return FILTER_BLOCK, 1, {}
     from logo_kernels.triton_kernels.configs import _pow2
@@ -164,8 +166,14 @@ def test_each_backend_skips_exactly_what_the_rule_says(backend, case, small_trit
     walked = log_p.index_select(1, order)
     blocks = -(-case["vocab"] // block)
     padded = torch.nn.functional.pad(walked, (0, blocks * block - case["vocab"]), value=float("-inf"))
-    margin = (padded.view(len(kept), blocks, block).amax(2) - math.log(eps)).abs()
+    per_block = padded.view(len(kept), blocks, block)
+    margin = (per_block.amax(2) - math.log(eps)).abs()
     assume(bool((margin > 1e-3).all()))
+    # nor a token whose skipped mass could cross the cap within fp32 rounding
+    cap = FILTER_MASS_FACTOR * eps
+    mass = torch.where(per_block.amax(2) < math.log(eps), torch.logsumexp(per_block, dim=2).exp(), 0.0)
+    running = mass.sort(dim=1).values.cumsum(1)
+    assume(bool(((running - cap).abs() > 1e-4 * cap).all()))
     keep = rule.keep(log_p, targets.index_select(0, kept), block, token_block)
     hypothesis.event(f"skipped share {1 - keep.double().mean().item():.1f}")
     truth = grads_of_masked(h, w, b, x, d_x, keep, case["n"], kept)
@@ -179,24 +187,28 @@ def test_each_backend_skips_exactly_what_the_rule_says(backend, case, small_trit
 
 
 def documented_bound(log_p, targets, grads, kept, hidden_kept, weight64, eps, chain):
-    """Row-wise bounds (docs/filtering.md) on |filtered - exact| from the fp64 log-probabilities of the kept tokens:
-    ||ΔdH_t|| <= C_t Σ_{j∈S_t} p_tj ||w_j||,  ||ΔdW_j|| <= Σ_{t: j∈S_t} C_t p_tj ||h_t||,  |Δdb_j| <= Σ_t C_t p_tj
-    with C_t = chain (|g_lse - g - g_H H| + |g_H| ln(1/eps)) and S_t ⊇ the skipped ids of t: every j != target with
-    p_tj < eps (whatever the blocks)."""
+    """Row-wise bounds (docs/filtering.md) on |filtered - exact| from the fp64 log-probabilities of the kept tokens.
+    A skipped entry's logit gradient is |p (a + c log p)| <= p (|a| + |c| ln(1/p)) times chain (the softcap slope is
+    <= 1), with a = g_lse - g - g_H H, c = -g_H; the skipped set S_t of a token holds only ids j != target with
+    p_tj < eps (whatever the blocks), of total mass m_t <= cap = FILTER_MASS_FACTOR eps. Hence
+    ||ΔdH_t|| <= chain min(Σ_{S_t} p (|a|+|c| ln 1/p) ||w_j||, (|a_t| cap + |c_t| cap ln(|V|/cap)) max ||w||)
+    (the second by Jensen: Σ_S p ln(1/p) <= m ln(|S|/m), increasing in m below |S|/e), and
+    ||ΔdW_j|| <= chain Σ_{t: j∈S_t} p_tj (|a_t| + |c_t| ln 1/p_tj) ||h_t||, |Δdb_j| <= the same without ||h_t||."""
     g, g_lse, g_ent = (None if x is None else x[kept].double() for x in grads)
     p = log_p.exp()
     a = -g if g_lse is None else g_lse - g
     c = torch.zeros_like(g)
     if g_ent is not None:
-        entropy = -torch.where(p > 0, p * log_p, 0.0).sum(1)
+        entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(1)
         a = a - g_ent * entropy
         c = -g_ent
-    coefficient = chain * (a.abs() + c.abs() * math.log(1 / eps))
     below = (p < eps)
     below[torch.arange(len(kept)), targets[kept]] = False
-    skipped_mass = torch.where(below, p, 0.0)  # [n, V]
-    weighted = skipped_mass * coefficient[:, None]
-    bound_h = weighted @ weight64.norm(dim=1)
+    per_entry = chain * p * (a.abs()[:, None] + c.abs()[:, None] * torch.where(p > 0, -log_p, 0.0))
+    weighted = torch.where(below, per_entry, 0.0)  # [n, V]
+    cap, vocab = FILTER_MASS_FACTOR * eps, log_p.shape[1]
+    capped = chain * (a.abs() * cap + c.abs() * cap * math.log(vocab / cap)) * weight64.norm(dim=1).max()
+    bound_h = torch.minimum(weighted @ weight64.norm(dim=1), capped)
     bound_w = weighted.T @ hidden_kept.double().norm(dim=1)
     bound_b = weighted.sum(0)
     return bound_h, bound_w, bound_b
@@ -361,3 +373,66 @@ def test_logo_training_with_filtering_follows_the_exact_run():
         drift += 0.5 * (filtered_grads[k - 1] - exact_grads[k - 1]).norm().item()
         assert abs(filtered_losses[k] - exact_losses[k]) <= 2 * drift * grad_norm + 1e-5, k
     assert drift > 0, "nothing was skipped: the test tests nothing"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_flat_distribution_over_a_shared_mean_head_keeps_its_mass(backend, small_triton_tiles):
+    """Near-uniform probabilities over a head whose rows share a large mean: every entry lies below eps, and the
+    mean is most of each row. Skipping them all (the rule without its mass cap) made dH ~90x wrong; with the cap
+    the skipped mass stays <= FILTER_MASS_FACTOR eps and bf16 "auto" / fp32 at 2^-12 meet the tolerance rule."""
+    vocab, dim, n = (2048, 32, 16) if backend == "triton" else (16384, 64, 32)
+    mean_row = torch.randn(dim, generator=torch.Generator().manual_seed(0))
+    _, _, extra = granularity(backend, vocab)
+    for dtype, eps in ((torch.bfloat16, "auto"), (torch.float32, 2.0**-12)):
+        weight = (0.01 * torch.randn(vocab, dim, generator=torch.Generator().manual_seed(1)) + mean_row).to(dtype)
+        hidden = (0.1 * torch.randn(n, dim, generator=torch.Generator().manual_seed(2))).to(dtype)
+        targets = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(3))
+        grads = upstream(n, 4, False, False)
+        truth = materialized(hidden, weight, targets, grad_logp=grads[0], dtype=torch.float64)
+        naive = materialized(hidden, weight, targets, grad_logp=grads[0], dtype=None)
+        d_h, d_w, _ = run_op(hidden, weight, None, targets, grads, backend=backend, filter_eps=eps, **extra)
+        assert_close_to_reference(Result(truth.logp, truth.lse, d_h, d_w, None), truth, naive, dtype,
+                                  names=("d_hidden", "d_weight"))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_the_raw_ops_take_no_order_as_the_identity(backend, small_triton_tiles):
+    """torch.ops-level calls with filtering and order=None walk the vocabulary by id (the Triton kernels read ids
+    through the order: without one they must not read the targets instead)."""
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(24, 16, generator=g) * 3, torch.randn(300, 16, generator=g)
+    targets = torch.randint(0, 300, (24,), generator=g)
+    grad = torch.randn(24, generator=g)
+    results = []
+    for order in (None, torch.arange(300)):
+        if backend == "cpp":
+            out = torch.ops.logo_kernels.linear_logprobs_fwd(hidden, weight, None, targets, 1.0, 1.0, 0.0, 8, 128, False,
+                                                             False, False, False, False, 1 << 20, True, math.log(2**-10),
+                                                             16 * 2**-10, order)
+            grads = torch.ops.logo_kernels.linear_logprobs_bwd(grad, None, None, hidden, weight, None, targets, out[1],
+                                                               None, 1.0, 1.0, 0.0, 8, 128, True, True, False, 1 << 20,
+                                                               out[7], order)
+        else:
+            from logo_kernels.backends.triton import triton_backward, triton_forward
+            out = triton_forward(hidden, weight, None, targets, 1.0, 1.0, 0.0, 16, False, False, False, False, False,
+                                 True, math.log(2**-10), 16 * 2**-10, order)
+            grads = triton_backward(grad, None, None, hidden, weight, None, targets, out[1], None, 1.0, 1.0, 0.0, 16,
+                                    True, True, False, True, out[7], order)
+        results.append((out[0], out[7]) + tuple(grads[:2]))
+    assert 0 < results[0][1].float().mean() < 1, "nothing (or everything) skipped: the test tests nothing"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_no_filtering_work_without_a_gradient(monkeypatch):
+    """Under no_grad (a reference model's or old policy's log-probs) the filter computes no vocabulary order."""
+    module = sys.modules["logo_kernels.linear_logprobs"]  # (the package exports the function under the same name)
+    calls = []
+    monkeypatch.setattr(module, "mean_logit_order", lambda *args: calls.append(1) or torch.arange(args[1].shape[0]))
+    hidden, weight, targets = torch.randn(8, 4, requires_grad=True), torch.randn(300, 4), torch.randint(0, 300, (8,))
+    with torch.no_grad():
+        lk.linear_logprobs(hidden, weight, targets, filter_eps=2.0**-10)
+    lk.linear_logprobs(hidden.detach(), weight, targets, filter_eps=2.0**-10)
+    assert not calls
+    lk.linear_logprobs(hidden, weight.requires_grad_(), targets, filter_eps=2.0**-10).sum().backward()
+    assert calls == [1]

@@ -276,7 +276,7 @@ def test_cpp_superblocks_match_single_pass(softcap, filtered):
     results = []
     for workspace in (1 << 30, 1):  # one superblock; superblocks of one 16-token block
         outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, softcap, 16, block, not filtered, True, True, True,
-                      True, workspace, filtered, math.log(2**-10), order)
+                      True, workspace, filtered, math.log(2**-10), 16 * 2**-10, order)
         live = outputs[7] if filtered else None
         grads = bwd(g, grad_lse, grad_entropy, hidden, weight, bias, targets, outputs[1], outputs[3], 1.7, 0.8,
                     softcap, 16, block, True, True, True, workspace, live, order)

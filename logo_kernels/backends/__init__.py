@@ -15,7 +15,8 @@ import torch
 
 from . import cpp as _cpp
 from . import triton as _triton
-from .base import FILTER_BLOCK, Backend, Filter, GradsNeeded, KernelOptions, LogitTransform, RowStats, mean_logit_order
+from .base import (FILTER_BLOCK, FILTER_MASS_FACTOR, Backend, Filter, GradsNeeded, KernelOptions, LogitTransform,
+                   RowStats, live_pairs, mean_logit_order)
 from .torch_chunked import TorchChunkedBackend
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -66,5 +67,5 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
     return impl
 
 
-__all__ = ["FILTER_BLOCK", "Backend", "BACKENDS", "Filter", "mean_logit_order", "GradsNeeded", "KernelOptions", "LogitTransform", "RowStats", "available_backends",
+__all__ = ["FILTER_BLOCK", "FILTER_MASS_FACTOR", "Backend", "BACKENDS", "Filter", "live_pairs", "mean_logit_order", "GradsNeeded", "KernelOptions", "LogitTransform", "RowStats", "available_backends",
            "resolve_backend"]

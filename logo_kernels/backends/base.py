@@ -20,12 +20,14 @@ entropy H, p = softmax(x) and log p = x - lse,
 
 Gradient filtering (:class:`Filter`, ``filter_eps``): the vocabulary, walked in ``Filter.order``, is cut into blocks;
 a (token, block) pair whose largest probability is below ``eps`` and which does not hold the token's target is
-skipped by the backward (its dL/dx taken as 0). The C++ and torch backends decide per (token, block of
+skipped by the backward (its dL/dx taken as 0), the least probable first, as long as the token's skipped
+probability mass stays <= FILTER_MASS_FACTOR * eps (:func:`live_pairs`). The C++ and torch backends decide per (token, block of
 :data:`FILTER_BLOCK` rows); the Triton kernels per tile (a block of tokens x their BLOCK_V), skipping a tile only
 when every token of it may be skipped — never more than the per-token rule.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import FrozenSet, Optional, Protocol, Tuple
@@ -74,11 +76,34 @@ class LogitTransform:
 
 #: Vocabulary rows per skippable block of the C++ and torch backends' filtered backward.
 FILTER_BLOCK = 128
+#: A token's skipped probability mass is at most this many times ``filter_eps`` (then its remaining blocks are kept):
+#: with "auto" (finfo.eps / 32) that is finfo.eps / 2, the dtype's unit roundoff.
+FILTER_MASS_FACTOR = 16
+
+
+def live_pairs(tile_max: torch.Tensor, tile_lse: torch.Tensor, lse: torch.Tensor, target_tile: torch.Tensor,
+               log_eps: float, max_mass: float) -> torch.Tensor:
+    """The filter's decision, from each (token, block) pair's maximum logit and log-sum-exp [n, blocks] (fp32 or
+    fp64), the tokens' log-sum-exp [n] and the block holding each target [n] -> live [n, blocks] bool.
+
+    A pair may be skipped when its largest probability is below eps (max - lse < log eps) and it does not hold
+    the target; of those, each token skips the least probable pairs first while their summed probability stays
+    <= ``max_mass`` (a stable sort: ties in block order). A flat distribution, whose tail is all of its mass,
+    therefore keeps nearly every pair."""
+    n = tile_max.shape[0]
+    log_p_max = tile_max - lse[:, None]
+    dead = log_p_max < log_eps
+    dead[torch.arange(n, device=dead.device), target_tile] = False
+    mass = torch.where(dead, (tile_lse - lse[:, None]).exp(), float("inf"))
+    sorted_mass, index = torch.sort(mass, dim=1, stable=True)
+    skip = torch.zeros_like(dead).scatter_(1, index, sorted_mass.cumsum(dim=1) <= max_mass)
+    return ~skip
 
 
 @dataclass(frozen=True, eq=False)
 class Filter:
-    """Gradient filtering: skip (token, vocabulary block) pairs whose probabilities all lie below ``eps``.
+    """Gradient filtering: skip (token, vocabulary block) pairs whose probabilities all lie below ``eps``, at most
+    ``FILTER_MASS_FACTOR * eps`` of each token's probability mass (:func:`live_pairs`).
 
     ``order``: the walk order of the vocabulary ([V] int64 permutation; None = by id), so that blocks group ids
     that are live together (:func:`mean_logit_order`)."""
@@ -90,6 +115,15 @@ class Filter:
     def log_eps(self) -> float:
         return math.log(self.eps)
 
+    @property
+    def max_mass(self) -> float:
+        return FILTER_MASS_FACTOR * self.eps
+
+    @functools.cached_property
+    def position(self) -> Optional[torch.Tensor]:
+        """position[id]: where vocabulary row ``id`` sits in the walk (None for the identity)."""
+        return None if self.order is None else torch.argsort(self.order)
+
     def keep(self, log_probs: torch.Tensor, targets: torch.Tensor, block: int = FILTER_BLOCK,
              token_block: int = 1) -> torch.Tensor:
         """[n, V] bool: the entries a backward with this filter keeps, from the log probabilities [n, V] (vocabulary
@@ -98,10 +132,10 @@ class Filter:
         n, vocab = log_probs.shape
         walked = log_probs if self.order is None else log_probs.index_select(1, self.order)
         blocks = -(-vocab // block)
-        padded = torch.nn.functional.pad(walked, (0, blocks * block - vocab), value=float("-inf"))
-        live = padded.view(n, blocks, block).amax(dim=2) >= self.log_eps
-        position = targets if self.order is None else torch.argsort(self.order).index_select(0, targets)
-        live[torch.arange(n, device=live.device), position // block] = True
+        padded = torch.nn.functional.pad(walked, (0, blocks * block - vocab), value=float("-inf")).view(n, blocks, block)
+        position = targets if self.order is None else self.position.index_select(0, targets)
+        live = live_pairs(padded.amax(dim=2), torch.logsumexp(padded, dim=2), torch.zeros(n, dtype=log_probs.dtype,
+                          device=log_probs.device), position // block, self.log_eps, self.max_mass)
         if token_block > 1:
             tiles = -(-n // token_block)
             grouped = torch.nn.functional.pad(live, (0, 0, 0, tiles * token_block - n))
@@ -116,7 +150,7 @@ def mean_logit_order(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """The vocabulary by decreasing mean logit over the tokens, mean_t(h_t) . w_j + b_j (one GEMV; the softcap and
     scales are monotone): [V] int64. Ids live for many tokens come first, so that the live entries of a token
     block crowd into few vocabulary blocks (Cut-Cross-Entropy's sort)."""
-    mean_hidden = hidden.float().mean(dim=0).to(weight.dtype)
+    mean_hidden = hidden.mean(dim=0, dtype=torch.float32).to(weight.dtype)  # no fp32 copy of hidden
     score = torch.mv(weight, mean_hidden).float()
     if bias is not None:
         score += bias.float()

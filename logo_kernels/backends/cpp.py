@@ -83,7 +83,7 @@ if is_available():
     @torch.library.register_fake("logo_kernels::linear_logprobs_fwd")
     def _fwd_fake(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap, block_tokens, block_vocab,
                   with_basis, want_entropy, want_log_sum_sq, want_mean, want_top1, workspace_bytes, filter,
-                  log_filter_eps, order):
+                  log_filter_eps, max_skipped_mass, order):
         n = hidden.shape[0]
         row = lambda want, dtype=torch.float32: hidden.new_empty(n if want else 0, dtype=dtype)  # noqa: E731
         basis = hidden.new_empty((n, hidden.shape[1]) if with_basis else (0,), dtype=torch.float32)
@@ -131,13 +131,12 @@ class CppBackend:
     def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
                 with_basis: bool = False, stats: FrozenSet[str] = frozenset(),
                 filtering: Optional[Filter] = None) -> RowStats:
-        filtering = None if with_basis else filtering  # the frozen head's backward recomputes nothing
         logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1, live = torch.ops.logo_kernels.linear_logprobs_fwd(
             hidden, weight, bias, targets, transform.logit_scale, transform.inv_temperature, transform.kernel_softcap,
             options.chunk_size or DEFAULT_BLOCK_TOKENS, self._block_vocab(filtering), with_basis, "entropy" in stats,
             "log_sum_sq_probs" in stats, "mean_logits" in stats, "is_top1" in stats, self.workspace_bytes,
             filtering is not None, filtering.log_eps if filtering is not None else 0.0,
-            filtering.order if filtering is not None else None,
+            filtering.max_mass if filtering is not None else 0.0, filtering.order if filtering is not None else None,
         )
         pick = lambda x, name: x if name in stats else None  # noqa: E731
         return RowStats(logp, lse, basis if with_basis else None, pick(entropy, "entropy"),

@@ -19,9 +19,10 @@ DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 _LIVE_CHUNK_BUFFERS = 4
 
 
-def default_chunk_size(num_tokens: int, vocab: int, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
-    """Tokens per chunk so that ``_LIVE_CHUNK_BUFFERS`` fp32 [chunk, V] buffers fit the budget."""
-    per_token = _LIVE_CHUNK_BUFFERS * vocab * 4
+def default_chunk_size(num_tokens: int, vocab: int, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                       buffers: int = _LIVE_CHUNK_BUFFERS) -> int:
+    """Tokens per chunk so that ``buffers`` fp32 [chunk, V] buffers fit the budget."""
+    per_token = buffers * vocab * 4
     return max(1, min(num_tokens, workspace_bytes // per_token))
 
 
@@ -120,7 +121,8 @@ class TorchChunkedBackend:
             coef_a = coef_a - grad_entropy.to(acc) * entropy.to(acc)
             coef_c = -grad_entropy.to(acc)
 
-        chunk = options.chunk_size or default_chunk_size(n, vocab)
+        # filtering's rule holds its walked copy and the kept mask besides (Filter.keep)
+        chunk = options.chunk_size or default_chunk_size(n, vocab, buffers=_LIVE_CHUNK_BUFFERS + 3 * (filtering is not None))
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             hidden_chunk = hidden[rows].to(acc)

@@ -18,7 +18,7 @@ from typing import FrozenSet, Optional
 
 import torch
 
-from .base import Filter, GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
+from .base import Filter, GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats, live_pairs
 
 AUTOTUNE_ENV = "LOGO_KERNELS_AUTOTUNE"
 
@@ -153,12 +153,12 @@ def _launch_grad_hidden(grad_logp, grad_lse, grad_entropy, entropy, hidden, weig
 def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                    logit_scale: float, inv_temperature: float, softcap: float, chunk_size: int, with_basis: bool,
                    want_entropy: bool, want_log_sum_sq: bool, want_mean: bool, want_top1: bool, filter: bool,
-                   log_filter_eps: float, order: Optional[torch.Tensor]
+                   log_filter_eps: float, max_skipped_mass: float, order: Optional[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor]:
     """-> (logp, lse, basis [n, D] or [0], entropy, log_sum_sq_probs, mean_logits, is_top1 (bool), live), [0] where
     not asked for. ``chunk_size`` 0 = the table's token block. With ``filter``: live [n, cdiv(V, filter_block)] int8,
-    1 where a (token, block of the walk ``order``) pair reaches ``log_filter_eps`` or holds the target."""
+    the (token, block of the walk ``order``) pairs the backward visits (:func:`base.live_pairs`)."""
     from ..triton_kernels.forward import forward_kernel
 
     n, dim = hidden.shape
@@ -170,23 +170,25 @@ def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     top1 = torch.empty(n if want_top1 else 0, dtype=torch.int8, device=hidden.device)
     chunk = chunk_size or None
     block = filter_block(hidden, weight, chunk) if filter else 1
+    if filter and order is None:  # the identity walk (the kernels read ids through the order)
+        order = torch.arange(vocab, device=hidden.device)
     tile_max = torch.empty((n, triton_cdiv(vocab, block)) if filter else (0,), **f32)
+    tile_lse = torch.empty_like(tile_max)
     if n > 0:
         args = _common_args(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap)
         args.update(logp_ptr=logp, lse_ptr=lse, ent_ptr=entropy if want_entropy else lse,
                     lsq_ptr=log_sum_sq if want_log_sum_sq else lse, mean_ptr=mean_logits if want_mean else lse,
                     top1_ptr=top1 if want_top1 else targets, order_ptr=order if order is not None else targets,
-                    tmax_ptr=tile_max if filter else lse)
+                    tmax_ptr=tile_max if filter else lse, tlse_ptr=tile_lse if filter else lse)
         flags = dict(_common_flags(hidden, weight, bias, softcap), WANT_ENTROPY=want_entropy, WANT_LSQ=want_log_sum_sq,
                      WANT_MEAN=want_mean, WANT_TOP1=want_top1, FILTER=filter)
         _launch("forward", forward_kernel, lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),), args, flags,
                 _tile_dtype(hidden, weight), n, vocab, dim, chunk, tune=not filter)
     live = torch.empty(0, dtype=torch.int8, device=hidden.device)
-    if filter:  # the [n, blocks] fp32 maxima become int8 flags: the tile's max log-prob reaches eps, or its target
-        live = (tile_max - lse[:, None]).ge_(log_filter_eps).to(torch.int8)
-        del tile_max
+    if filter:  # the [n, blocks] fp32 statistics become int8 flags
         position = targets if order is None else torch.argsort(order).index_select(0, targets)
-        live[torch.arange(n, device=live.device), position // block] = 1
+        live = live_pairs(tile_max, tile_lse, lse, position // block, log_filter_eps, max_skipped_mass).to(torch.int8)
+        del tile_max, tile_lse
     basis = hidden.new_empty(0, dtype=torch.float32)
     if with_basis:  # Q = (softmax * slope) @ W = dH / chain for g_logp = 0, g_lse = 1
         basis = _launch_grad_hidden(torch.zeros_like(lse), torch.ones_like(lse), None, None, hidden, weight, bias,
@@ -199,12 +201,13 @@ def triton_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 @triton_forward.register_fake
 def _(hidden, weight, bias, targets, logit_scale, inv_temperature, softcap, chunk_size, with_basis, want_entropy,
-      want_log_sum_sq, want_mean, want_top1, filter, log_filter_eps, order):
+      want_log_sum_sq, want_mean, want_top1, filter, log_filter_eps, max_skipped_mass, order):
     n = hidden.shape[0]
     row = lambda want, dtype=torch.float32: hidden.new_empty(n if want else 0, dtype=dtype)  # noqa: E731
     basis = hidden.new_empty((n, hidden.shape[1]) if with_basis else (0,), dtype=torch.float32)
-    blocks = triton_cdiv(weight.shape[0], filter_block(hidden, weight, chunk_size or None))
-    live = hidden.new_empty((n, blocks) if filter else (0,), dtype=torch.int8)
+    # the width of the live flags only when filtering (filter_block fixes the shape: no dynamic N otherwise)
+    live = hidden.new_empty((n, triton_cdiv(weight.shape[0], filter_block(hidden, weight, chunk_size or None)))
+                            if filter else (0,), dtype=torch.int8)
     return (row(True), row(True), basis, row(want_entropy), row(want_log_sum_sq), row(want_mean),
             row(want_top1, torch.bool), live)
 
@@ -233,6 +236,8 @@ def triton_backward(grad_logp: torch.Tensor, grad_lse: Optional[torch.Tensor], g
     flags = dict(_common_flags(hidden, weight, bias, softcap), HAS_GLSE=grad_lse is not None,
                  HAS_ENT=grad_entropy is not None, FILTER=live is not None)
     live_block = filter_block(hidden, weight, chunk) if live is not None else 1
+    if live is not None and order is None:
+        order = torch.arange(vocab, device=hidden.device)
     filter_args = _filter_args(order, live, live_block, targets)
     if not deterministic and n > 0:
         dh32 = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device) if need_hidden else lse
@@ -293,12 +298,12 @@ class TritonBackend:
     def forward(self, hidden, weight, bias, targets, transform: LogitTransform, options: KernelOptions,
                 with_basis: bool = False, stats: FrozenSet[str] = frozenset(),
                 filtering: Optional[Filter] = None) -> RowStats:
-        filtering = None if with_basis else filtering  # the frozen head's backward recomputes nothing
         logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1, live = triton_forward(
             hidden, weight, bias, targets, transform.logit_scale, transform.inv_temperature, transform.kernel_softcap,
             options.chunk_size or 0, with_basis, "entropy" in stats, "log_sum_sq_probs" in stats,
             "mean_logits" in stats, "is_top1" in stats, filtering is not None,
-            filtering.log_eps if filtering is not None else 0.0, filtering.order if filtering is not None else None)
+            filtering.log_eps if filtering is not None else 0.0, filtering.max_mass if filtering is not None else 0.0,
+            filtering.order if filtering is not None else None)
         pick = lambda x, name: x if name in stats else None  # noqa: E731
         return RowStats(logp, lse, basis if with_basis else None, pick(entropy, "entropy"),
                         pick(log_sum_sq, "log_sum_sq_probs"), pick(mean_logits, "mean_logits"),

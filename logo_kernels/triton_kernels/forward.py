@@ -5,8 +5,9 @@ Grid: one program per BLOCK_N tokens. The logits tiles live in registers only; o
 (H = log S - T / S with T = sum e^(x-m) (x - m), shifted by the running max), log sum p^2, the mean logit and
 whether the target is the first arg-max. Columns past V and ``-inf`` logits (e.g. a masking bias) contribute
 nothing to the softmax; a row whose logits are all ``-inf`` gets ``lse = -inf`` (refused by the caller).
-With FILTER (gradient filtering) the vocabulary is walked in ``order`` and each row's maximum logit per tile is
-stored in ``tmax`` [N, cdiv(V, BLOCK_V)] (the caller turns it into the backward's live flags once lse is known).
+With FILTER (gradient filtering) the vocabulary is walked in ``order`` and each row's maximum logit and log-sum-exp
+per tile are stored in ``tmax`` / ``tlse`` [N, cdiv(V, BLOCK_V)] (the caller turns them into the backward's live
+flags once lse is known).
 """
 import triton
 import triton.language as tl
@@ -16,7 +17,7 @@ from .tiles import logits_tile, transform, vocab_ids
 
 @triton.jit
 def forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, lsq_ptr, mean_ptr, top1_ptr, order_ptr,
-                   tmax_ptr, N, V, D, N_BUCKET, stride_h, stride_w, logit_scale, inv_temp, softcap,
+                   tmax_ptr, tlse_ptr, N, V, D, N_BUCKET, stride_h, stride_w, logit_scale, inv_temp, softcap,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
                    WANT_ENTROPY: tl.constexpr, WANT_LSQ: tl.constexpr, WANT_MEAN: tl.constexpr,
                    WANT_TOP1: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -46,8 +47,6 @@ def forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, lsq_p
             max_before = tl.maximum(max_before, tl.max(tl.where(ids[None, :] < target[:, None], x, float("-inf")),
                                                        axis=1))
         tile_max = tl.max(x, axis=1)
-        if FILTER:
-            tl.store(tmax_ptr + rows * tl.cdiv(V, BLOCK_V) + v0 // BLOCK_V, tile_max, mask=row_mask)
         m_new = tl.maximum(m, tile_max)
         finite = m_new > float("-inf")
         alpha = tl.where(finite, tl.exp(m - m_new), 1.0)
@@ -59,7 +58,12 @@ def forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr, lsq_p
             ent = alpha * (ent + shift) + tl.sum(p * tl.maximum(y, -200.0), axis=1)
         if WANT_LSQ:
             sq = sq * alpha * alpha + tl.sum(p * p, axis=1)
-        s = s * alpha + tl.sum(p, axis=1)
+        tile_sum = tl.sum(p, axis=1)
+        if FILTER:
+            tile = rows * tl.cdiv(V, BLOCK_V) + v0 // BLOCK_V
+            tl.store(tmax_ptr + tile, tile_max, mask=row_mask)
+            tl.store(tlse_ptr + tile, m_new + tl.log(tile_sum), mask=row_mask)
+        s = s * alpha + tile_sum
         m = m_new
         x_target += tl.sum(tl.where((ids[None, :] == target[:, None]) & col_mask[None, :], x, 0.0), axis=1)
     log_s = tl.log(s)

@@ -8,8 +8,10 @@ that answers marked), with a *trained* spaCy pipeline.
 Per scorer, with the builder's selection (N = 16 context chunks, at most N / 2 critical, the scorer's δ and ratio):
 the share of records with >= 1 critical chunk, the share whose answering chunks are all critical, the share whose
 best-scored chunk answers, the share of critical chunks that answer (precision), the mean number of critical chunks,
-and the share of records whose instruction-unfollowing negative (the lowest-scored chunks) sees an answering chunk;
-then again without the gold answer (records without one, general documents' generated questions).
+the share of records whose instruction-unfollowing negative (the lowest-scored chunks) sees an answering chunk,
+and the share whose hallucination negative sees every answering chunk (it should not: the builder leaves the
+best-scored critical chunks out of it); then again without the gold answer (records without one, general
+documents' generated questions).
 Writes bench/results/scorers.csv and scorers.md (``--out``: the CSV; the Markdown beside it).
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import harness  # noqa: E402
 
-from logo.data.builder import BuildOptions, select_chunks  # noqa: E402
+from logo.data.builder import BuildOptions, prompt_chunks, select_chunks  # noqa: E402
 from logo.data.importance import make_scorer  # noqa: E402
 
 REALISTIC_SET = os.path.join(os.path.dirname(HERE), "tests", "data", "realistic_qa.jsonl")
@@ -54,11 +56,13 @@ def evaluate(scorer, documents: List[dict], options: BuildOptions = None, with_a
             scores = scorer.scores(document["chunks"], q["question"], q["answer"] if with_answer else None)
             delta = scorer.threshold(q["answer"] if with_answer else None)
             critical, irrelevant = select_chunks(scores, options, delta, scorer.ratio)
+            _, unfollowing, hallucination = prompt_chunks(scores, critical, irrelevant)
             answers = set(q["answer_chunks"])
             best = max(range(len(scores)), key=lambda i: (scores[i], -i))
             rows.append({"critical": bool(critical), "answered": answers <= set(critical), "best": best in answers,
                          "precision": len(answers & set(critical)) / len(critical) if critical else None,
-                         "count": len(critical), "leak": bool(answers & set(irrelevant[:len(critical)]))})
+                         "count": len(critical), "leak": bool(answers & set(unfollowing)),
+                         "hallucination_leak": answers <= set(hallucination)})
             per_record[q["id"]] = (scores, critical, sorted(answers))
     with_critical = [r for r in rows if r["critical"]]
     share = lambda key, among=rows: round(sum(bool(r[key]) for r in among) / max(1, len(among)), 4)  # noqa: E731
@@ -67,19 +71,21 @@ def evaluate(scorer, documents: List[dict], options: BuildOptions = None, with_a
             "with_critical": share("critical"), "answer_critical": share("answered"), "best_answers": share("best"),
             "precision": round(sum(r["precision"] for r in with_critical) / max(1, len(with_critical)), 4),
             "mean_critical": round(sum(r["count"] for r in with_critical) / max(1, len(with_critical)), 2),
-            "negative_sees_answer": share("leak", with_critical), "per_record": per_record}
+            "negative_sees_answer": share("leak", with_critical),
+            "hallucination_sees_answer": share("hallucination_leak", with_critical), "per_record": per_record}
 
 
 def markdown(results: List[dict], pipeline: str) -> str:
     with_answer = results[:len(SCORERS)]
     lines = [f"Realistic set: {results[0]['records']} questions, pipeline: {pipeline}; N = 16, at most 8 critical.", "",
              "| scorer | query | δ | ratio | records with ≥ 1 critical | answering chunk critical | best chunk answers | "
-             "critical chunks that answer | critical per record | negative sees the answer |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "critical chunks that answer | critical per record | unfollowing negative sees the answer | "
+             "hallucination negative sees the answer |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r['scorer']} | {r['query']} | {r['delta']} | {r['ratio']} | {r['with_critical']:.0%} | "
                      f"{r['answer_critical']:.0%} | {r['best_answers']:.0%} | {r['precision']:.0%} | "
-                     f"{r['mean_critical']} | {r['negative_sees_answer']:.0%} |")
+                     f"{r['mean_critical']} | {r['negative_sees_answer']:.0%} | {r['hallucination_sees_answer']:.0%} |")
     lines += ["", "The issue's examples: the answering chunk's score (critical?) per scorer.", "",
               "| question | " + " | ".join(r["scorer"] for r in with_answer) + " |",
               "| --- | " + " | ".join("---" for _ in with_answer) + " |"]

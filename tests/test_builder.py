@@ -5,8 +5,8 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from logo.data.builder import (BuildOptions, build, degenerate, first_question, main, read_general_docs,  # noqa: E402
-                                read_raw_file, select_chunks, split_chunks)
+from logo.data.builder import (BuildOptions, build, degenerate, first_question, main, prompt_chunks,  # noqa: E402
+                                read_general_docs, read_raw_file, select_chunks, split_chunks)
 from logo.data.importance import chunk_scores, make_scorer, salient_terms  # noqa: E402
 from logo.data.records import read_preference_file  # noqa: E402
 from logo.data.corpus import shipped_text  # noqa: E402
@@ -47,6 +47,23 @@ def test_select_chunks_follow_n_and_delta():
     assert critical == [5] and irrelevant == [0, 3, 7, 6, 2]
     assert select_chunks(scores, BuildOptions(context_chunks=6), delta=9)[0] == []  # nothing > delta
     assert select_chunks([3, 0], BuildOptions(context_chunks=16), delta=0) == ([0], [1])  # fewer chunks than N
+
+
+def test_the_hallucination_negative_never_holds_every_critical_chunk():
+    """Paper: dis-preference 2 = pi(Q, irrelevant + critical chunks). The best-scored critical chunks are left
+    out (the lowest-scored half, floor, is kept), so with one critical chunk the negative holds none of it."""
+    scores = [0, 9, 1, 0, 2, 0, 5, 7]
+    options = BuildOptions(context_chunks=8, max_critical=1)
+    critical, irrelevant = select_chunks(scores, options, delta=2)
+    chosen, unfollowing, hallucination = prompt_chunks(scores, critical, irrelevant)
+    assert chosen == [1] and unfollowing == [0] and hallucination == [3]  # no critical chunk, another irrelevant one
+    for k, kept in ((2, [7]), (3, [6]), (4, [4, 6])):  # critical by score: 1 (9), 7 (7), 6 (5), 4 (4)
+        scores = [0, 9, 1, 0, 4, 0, 5, 7, 0, 0]
+        critical, irrelevant = select_chunks(scores, BuildOptions(context_chunks=10, max_critical=k), delta=3)
+        chosen, unfollowing, hallucination = prompt_chunks(scores, critical, irrelevant)
+        assert len(chosen) == len(unfollowing) == len(hallucination) == k
+        assert set(hallucination) & set(critical) == set(kept) and 1 not in hallucination
+        assert not set(unfollowing) & set(critical) and set(hallucination) - set(kept) <= set(irrelevant)
 
 
 def test_degenerate_and_first_question():

@@ -15,10 +15,12 @@ anti-forgetting share: ~2,000 RedPajama documents next to ~4,000 long QA) are ``
    highest-scored ones with score > δ and >= ``--critical-ratio`` × the best score, at most ``--max-critical``
    (N / 2); the irrelevant ones are the N minus that many lowest-scored chunks. A record without a critical or an
    irrelevant chunk is skipped (counted);
-4. the policy model answers three prompts (sampling, T = 0.7, top-p 0.95; batched ``generate`` in-process, or an
-   OpenAI-compatible server with ``--endpoint``, :mod:`logo.data.endpoint`):
+4. the policy model answers three prompts (sampling, T = 0.7, top-p 0.95, top-k 50; batched ``generate``
+   in-process, or an OpenAI-compatible server with ``--endpoint``, :mod:`logo.data.endpoint`):
    chosen = pi(Q, critical), rejected[0] = pi(Q, irrelevant) (instruction unfollowing: as many irrelevant
-   chunks as critical ones), rejected[1] = pi(Q, half critical + half irrelevant) (hallucination);
+   chunks as critical ones), rejected[1] = pi(Q, the lower-scored half of the critical chunks + irrelevant ones)
+   (hallucination: the paper's mix of critical and irrelevant chunks, the best critical chunks left out, so
+   it never sees them all; with one critical chunk, irrelevant ones only — :func:`prompt_chunks`);
 5. degenerate samples are dropped (an empty response, a rejected identical to the chosen; counted);
 6. the record's context is the list of those N chunks in their original order — the very chunks training later
    dresses in synthesized positions (one chunking, carried through the record).
@@ -184,6 +186,20 @@ def select_chunks(scores: Sequence[int], options: BuildOptions, delta: int,
     return sorted(critical), irrelevant
 
 
+def prompt_chunks(scores: Sequence[int], critical: Sequence[int],
+                  irrelevant: Sequence[int]) -> Tuple[List[int], List[int], List[int]]:
+    """The chunk indices (in original order) of the three generation contexts: chosen = the critical chunks;
+    instruction unfollowing = as many irrelevant chunks (the lowest-scored); hallucination = the lowest-scored
+    half (floor) of the critical chunks, the highest-scored dropped, filled up to as many chunks with irrelevant
+    ones, the next-lowest first. With one critical chunk the hallucination context holds none (only irrelevant
+    chunks other than the unfollowing one's, where there are any): it never holds every critical chunk."""
+    k = len(critical)
+    ranked = sorted(critical, key=lambda i: (-scores[i], i))  # select_chunks' order: best first
+    kept = ranked[k - k // 2:]
+    others = list(irrelevant[k:]) + list(irrelevant[:k])  # the unfollowing context's chunks last
+    return sorted(critical), sorted(irrelevant[:k]), sorted(kept + others[:k - len(kept)])
+
+
 @dataclass
 class Plan:
     """The three generation contexts and the training context of one record (chunk indices)."""
@@ -192,14 +208,11 @@ class Plan:
     chunks: List[str]
     critical: List[int]
     irrelevant: List[int]  # lowest-scored first
+    scores: Sequence[int]
 
     def prompts(self) -> List[List[str]]:
-        k = len(self.critical)
-        unrelated = sorted(self.irrelevant[:k])
-        half = self.critical[:max(1, k // 2)]
-        mixed = sorted(set(half) | set(self.irrelevant[:max(1, k - len(half))]))
-        return [[self.chunks[i] for i in self.critical], [self.chunks[i] for i in unrelated],
-                [self.chunks[i] for i in mixed]]
+        return [[self.chunks[i] for i in indices]
+                for indices in prompt_chunks(self.scores, self.critical, self.irrelevant)]
 
     def training_context(self) -> List[str]:
         return [self.chunks[i] for i in sorted(set(self.critical) | set(self.irrelevant))]
@@ -343,7 +356,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
                         counts["skipped_no_critical" if not critical else "skipped_no_irrelevant"] += 1
                         bar.update(1)
                         continue
-                    plan = Plan(record, chunks, critical, irrelevant)
+                    plan = Plan(record, chunks, critical, irrelevant, scores)
                     plans.append(plan)
                     for context in plan.prompts():
                         stub = PreferenceRecord(record.id, tuple(context), record.question, "x", ("x",), options.system)

@@ -197,6 +197,27 @@ def test_general_documents_get_generated_questions(tmp_path):
     assert record.id == "general-1" and record.question == "Who painted the lighthouse tower crimson?"
 
 
+def test_the_manifest_records_the_generator_and_resuming_with_another_is_refused(tmp_path):
+    from logo.data.builder import generator_options
+    from logo.data.endpoint import EndpointOptions
+    from logo.errors import RunDirectoryError
+
+    tokenizer = default_tokenizer()
+    raw = read_raw_file_from(tmp_path, raw_lines()[:2])
+    out = str(tmp_path / "o.jsonl")
+    options = BuildOptions(chunk_tokens=64, max_critical=2, scorer="words")
+    served = generator_options(EndpointOptions("http://user:secret@127.0.0.1:1/v1", "served-name",
+                                               prompt_format="tokens"))
+    build(raw[:1], tokenizer, echo_generate, out, options, progress=False, generator=served)
+    manifest = json.loads(open(out + ".build.json").read())
+    assert {k: manifest["options"][k] for k in ("generator", "endpoint_model", "prompt_format", "scorer")} == {
+        "generator": "endpoint", "endpoint_model": "served-name", "prompt_format": "tokens", "scorer": "words"}
+    assert "127.0.0.1" not in json.dumps(manifest) and "secret" not in json.dumps(manifest)  # not the URL
+    with pytest.raises(RunDirectoryError, match="--generator: 'endpoint' -> 'in-process'"):
+        build(raw, tokenizer, echo_generate, out, options, progress=False)
+    assert build(raw, tokenizer, echo_generate, out, options, progress=False, generator=served)["built"] == 1
+
+
 @pytest.mark.parametrize("kill", ["before_first_batch", "torn_last_line", "lost_newline"])
 def test_build_resumes_from_any_kill_point(tmp_path, kill):
     tokenizer = default_tokenizer()

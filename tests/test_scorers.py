@@ -67,8 +67,11 @@ def test_terms_without_a_tagger_use_entities_and_content_words(trained_nlp_path)
 
 
 def test_the_builder_scores_with_a_pipeline_path_and_records_the_scorer_it_used(tmp_path, trained_nlp_path):
-    """``--scorer auto --spacy-model PATH`` builds with ``terms`` on the trained pipeline; resuming that build with
-    another resolved scorer (spaCy gone: words) is refused."""
+    """``--scorer auto --spacy-model PATH`` builds with ``terms`` on the trained pipeline; the manifest records the
+    resolved scorer, so ``--scorer terms`` resumes that build and another resolved scorer (spaCy gone: words) is
+    refused."""
+    import dataclasses
+
     from test_builder import NEEDLE, echo_generate, raw_lines, read_raw_file_from
 
     from logo.data.builder import BuildOptions, build
@@ -84,8 +87,10 @@ def test_the_builder_scores_with_a_pipeline_path_and_records_the_scorer_it_used(
     assert (counts["scorer"], counts["delta"], counts["critical_ratio"], counts["built"]) == ("terms", 2, 0.5, 1)
     (record,) = read_preference_file(out, num_negatives=2)
     assert any(NEEDLE in chunk.replace("\n", " ") or "Bartholomew" in chunk for chunk in record.context)
-    with pytest.raises(RunDirectoryError, match=r"--scorer: 'auto \(terms\)' -> 'auto \(words\)'"):
+    with pytest.raises(RunDirectoryError, match=r"--scorer: 'terms' -> 'words'"):
         build(raw, tokenizer, echo_generate, out, options, progress=False, scorer=make_scorer("words"))
+    counts = build(raw, tokenizer, echo_generate, out, dataclasses.replace(options, scorer="terms"), progress=False)
+    assert counts["already_built"] == 1 and counts["scorer"] == "terms"
 
 
 def test_scorer_report_writes_its_tables(tmp_path, trained_nlp_path):

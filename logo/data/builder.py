@@ -37,10 +37,12 @@ record is skipped or dropped writes nothing and says why. Bad input lines are re
 One build per ``--out``: the command holds an OS lock (``.<out>.lock`` beside it, :mod:`logo.run_lock`) while it
 runs, and a second build into the same ``--out`` is refused naming the holder. ``<out>.build.json`` records a
 hash of every input record (``--input`` and ``--general-docs``), the content fingerprints of the model and its
-tokenizer (:mod:`logo.fingerprint`) and the options. Resuming (a ``.partial`` or an ``--out`` already there) is
-refused, listing what changed, when a record already built changed or left the input, the model or tokenizer
-changed, or an option did (``--batch-size`` may change); new input records are simply built. A failed write (no space left, ...) exits with code 4 naming the path and how many
-records are safe in the ``.partial``.
+tokenizer (:mod:`logo.fingerprint`), the options (the scorer as resolved: ``auto`` that found spaCy is ``terms``)
+and the generator (in-process, or the endpoint's model name and prompt format; not its URL). Resuming (a
+``.partial`` or an ``--out`` already there) is refused, listing what changed, when a record already built changed
+or left the input, the model or tokenizer changed, or an option or the generator did (``--batch-size`` may
+change); new input records are simply built. A failed write (no space left, ...) exits with code 4 naming the path
+and how many records are safe in the ``.partial``.
 """
 from __future__ import annotations
 
@@ -320,8 +322,8 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
     for record in read_partial(partial):
         done[str(record.id)] = record
     options_used = {k: v for k, v in vars(options).items() if k not in RESUME_FREE_OPTIONS}
-    if scorer.name != options.scorer:  # what auto resolved to (terms, or words without spaCy)
-        options_used["scorer"] = f"{options.scorer} ({scorer.name})"
+    options_used["scorer"] = scorer.name  # what auto resolved to (terms, or words without spaCy)
+    options_used.update(generator or generator_options(None))
     manifest = {"options": options_used,
                 "fingerprints": provenance or {},
                 "records": {str(r.id): _record_hash(r) for r in list(raw) + list(general)}}
@@ -402,6 +404,21 @@ MANIFEST_SUFFIX = ".build.json"
 RESUME_FREE_OPTIONS = ("batch_size",)
 
 
+def generator_options(endpoint: Optional[EndpointOptions]) -> dict:
+    """What a build's manifest records of its generator: in-process, or the server's model name and prompt format
+    (not its URL: a restarted server on another address resumes the build)."""
+    if endpoint is None:
+        return {"generator": "in-process"}
+    return {"generator": "endpoint", "endpoint_model": endpoint.model, "prompt_format": endpoint.prompt_format}
+
+
+def _resolved(name: str, value):
+    """An option as compared on resume; an older manifest's scorer ``"auto (terms)"`` is the scorer it used."""
+    if name == "scorer" and isinstance(value, str) and value.endswith(")") and " (" in value:
+        return value[value.index(" (") + 2:-1]
+    return value
+
+
 def _record_hash(record: "RawRecord") -> str:
     import hashlib
 
@@ -424,7 +441,7 @@ def check_manifest(out_path: str, manifest: dict, built: set) -> None:
         raise RunDirectoryError(f"{path}: unreadable; remove it and {out_path}(.partial) to build afresh") from None
     changed = differences(saved.get("fingerprints", {}), manifest["fingerprints"])
     changed += [f"--{k.replace('_', '-')}: {v!r} -> {manifest['options'].get(k)!r}"
-                for k, v in saved.get("options", {}).items() if manifest["options"].get(k) != v]
+                for k, v in saved.get("options", {}).items() if manifest["options"].get(k) != _resolved(k, v)]
     old, new = saved.get("records", {}), manifest["records"]
     gone = sorted(i for i in built if i in old and i not in new)
     edited = sorted(i for i in built if i in old and i in new and old[i] != new[i])
@@ -594,7 +611,7 @@ def _build_locked(args, options: BuildOptions, endpoint) -> int:
         generate = hf_generator(model, tokenizer, options)
     counts = build(raw, tokenizer, generate, args.out, options,
                    progress=not args.no_progress, scorer=scorer, general=general,
-                   provenance=build_fingerprints(args.model))
+                   provenance=build_fingerprints(args.model), generator=generator_options(endpoint))
     print(json.dumps(counts))
     if counts["written"] == 0:
         print(f"logo.data: nothing built, nothing written: {counts['skipped_no_critical']} record(s) without a "

@@ -77,6 +77,7 @@ class BuildOptions:
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.95
+    top_k: int = 50  # transformers' generate default, sent to a server too (0: off)
     seed: int = 0
     system: Optional[str] = None
 
@@ -99,6 +100,8 @@ class BuildOptions:
             raise ConfigError(f"--temperature must be in [0, 10] (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"--top-k must be an integer >= 0 (0: off), got {self.top_k!r}")
         return self
 
     @property
@@ -225,7 +228,7 @@ def hf_generator(model, tokenizer, options: BuildOptions) -> Callable[[List[List
     continuations and counts the tokens generated in ``.tokens``."""
     import torch
 
-    sampling = (dict(do_sample=True, temperature=options.temperature, top_p=options.top_p)
+    sampling = (dict(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
                 if options.temperature > 0 else dict(do_sample=False))
 
     def generate(prompts: List[List[int]]) -> List[str]:
@@ -528,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated per response")
     b.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0: greedy)")
     b.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling")
+    b.add_argument("--top-k", type=int, default=d.top_k,
+                   help="sample among the k most likely tokens (0: all); sent to a server too")
     b.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
     b.add_argument("--system", default=None, help="system prompt for generation and the records")
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -567,7 +572,7 @@ def _main(argv: List[str]) -> int:
                            max_critical=args.max_critical, delta=args.delta, critical_ratio=args.critical_ratio,
                            scorer=args.scorer, spacy_model=args.spacy_model, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           seed=args.seed, system=args.system).validate()
+                           top_k=args.top_k, seed=args.seed, system=args.system).validate()
     if not os.path.isdir(args.model):
         raise ConfigError(f"--model: {args.model} is not an existing directory (a local Hugging Face model "
                           "directory; nothing is downloaded)")
@@ -587,6 +592,21 @@ def _main(argv: List[str]) -> int:
         lock.release()  # also when the build fails: a caller in the same process may resume at once
 
 
+def _warn_unless_sampling(model_dir: str, options: BuildOptions) -> None:
+    """``transformers serve`` samples only when the model's generation_config.json sets do_sample: say so."""
+    if options.temperature <= 0:
+        return
+    try:
+        with open(os.path.join(model_dir, "generation_config.json"), encoding="utf-8") as handle:
+            do_sample = json.load(handle).get("do_sample") is True
+    except (OSError, ValueError, AttributeError):
+        do_sample = False
+    if not do_sample:
+        print(f"logo.data: warning: {model_dir}/generation_config.json does not set do_sample: true; "
+              "`transformers serve` then decodes greedily whatever --temperature (vLLM and SGLang sample)",
+              file=sys.stderr)
+
+
 def _build_locked(args, options: BuildOptions, endpoint) -> int:
     raw = read_raw_file(args.input) if args.input else []
     general = read_general_docs(args.general_docs) if args.general_docs else []
@@ -601,6 +621,7 @@ def _build_locked(args, options: BuildOptions, endpoint) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     if endpoint is not None:
+        _warn_unless_sampling(args.model, options)
         generate = endpoint_generator(tokenizer, options, endpoint, log=lambda m: print(m, file=sys.stderr))
     else:
         dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

@@ -56,7 +56,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, InputFileError, RunDirectoryError, ServiceError, read_json_lines, run_cli, writing
 from ..files import write_json_atomically
-from .endpoint import PROMPT_FORMATS, EndpointOptions, endpoint_generator
+from .endpoint import PROMPT_FORMATS, EndpointOptions, endpoint_generator, name_record
 from .importance import SCORERS, Scorer, make_scorer
 from .records import PreferenceRecord, read_preference_file
 
@@ -292,7 +292,7 @@ def generate_questions(docs: Sequence[RawRecord], tokenizer, generate, options: 
             chunks = split_chunks(tokenizer, doc.context, options.chunk_tokens)
             prompts.append(_user_prompt(tokenizer, QUESTION_PROMPT.format(passage=chunks[len(chunks) // 2]),
                                         options.system))
-        for doc, text in zip(batch, generate(prompts)):
+        for doc, text in zip(batch, _generate(generate, prompts, [doc.id for doc in batch])):
             question = first_question(text)
             if question is None:
                 counts["skipped_no_question"] += 1
@@ -301,13 +301,23 @@ def generate_questions(docs: Sequence[RawRecord], tokenizer, generate, options: 
     return out
 
 
+def _generate(generate, prompts: List[List[int]], owners: List[str]) -> List[str]:
+    """``generate(prompts)``; an error about one prompt names its record (``owners``: a record id per prompt)."""
+    try:
+        return generate(prompts)
+    except (ConfigError, ServiceError) as error:
+        raise name_record(error, prompts, owners) from None
+
+
 def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int]]], List[str]], out_path: str,
           options: BuildOptions, progress: bool = True, scorer: Optional[Scorer] = None,
-          general: Sequence[RawRecord] = (), provenance: Optional[dict] = None) -> Dict[str, int]:
+          general: Sequence[RawRecord] = (), provenance: Optional[dict] = None,
+          generator: Optional[dict] = None) -> Dict[str, int]:
     """Builds preference records for ``raw`` (and the ``general`` documents) into ``out_path`` (module doc);
-    returns the counts. ``generate`` is any callable: token-id prompts -> texts (HF generate, vLLM, a server).
-    ``provenance`` (fingerprints of the model and tokenizer) and the records' hashes are checked against
-    ``<out>.build.json`` when resuming, then written there."""
+    returns the counts. ``generate`` is any callable: token-id prompts -> texts (HF generate, vLLM, a server);
+    ``generator`` says which (default ``{"generator": "in-process"}``; :func:`generator_options`).
+    ``provenance`` (fingerprints of the model and tokenizer), the options, the generator and the records' hashes
+    are checked against ``<out>.build.json`` when resuming, then written there."""
     from tqdm.auto import tqdm
 
     from .encoding import encode_prompt
@@ -366,7 +376,7 @@ def build(raw: Sequence[RawRecord], tokenizer, generate: Callable[[List[List[int
                     for context in plan.prompts():
                         stub = PreferenceRecord(record.id, tuple(context), record.question, "x", ("x",), options.system)
                         prompts.append(encode_prompt(stub, tokenizer))
-                outputs = generate(prompts) if prompts else []
+                outputs = _generate(generate, prompts, [p.record.id for p in plans for _ in range(3)]) if prompts else []
                 for k, plan in enumerate(plans):
                     chosen, unfollowing, hallucination = outputs[3 * k:3 * k + 3]
                     if degenerate(chosen, (unfollowing, hallucination)) is not None:

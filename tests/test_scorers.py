@@ -66,6 +66,14 @@ def test_terms_without_a_tagger_use_entities_and_content_words(trained_nlp_path)
     assert {"ahab", "pequod", "commanded"} <= terms("Captain Ahab commanded the Pequod.")
 
 
+def test_terms_without_a_lemmatizer_use_lower_cased_tokens(trained_nlp_path):
+    """A tagger but no lemmatizer: nouns and verbs count as their lower-cased text; ``release`` is refused."""
+    tagged_only = spacy.load(trained_nlp_path, exclude=["lemmatizer"])
+    assert {"walked", "mill"} <= make_scorer("auto", nlp=tagged_only).terms("Tobias walked to the mill.")
+    with pytest.raises(ValueError, match="a tagger and a lemmatizer"):
+        make_scorer("release", nlp=tagged_only)
+
+
 def test_the_builder_scores_with_a_pipeline_path_and_records_the_scorer_it_used(tmp_path, trained_nlp_path):
     """``--scorer auto --spacy-model PATH`` builds with ``terms`` on the trained pipeline; the manifest records the
     resolved scorer, so ``--scorer terms`` resumes that build and another resolved scorer (spaCy gone: words) is

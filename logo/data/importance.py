@@ -4,9 +4,12 @@ A chunk's score is the number of distinct salient terms it shares with the query
 score is > δ (and, for ``terms``, at least ``ratio`` × the best chunk's score). The scorers:
 
 * ``terms`` (what ``auto`` picks when a spaCy pipeline loads): the release's term set — named entities ∪ noun /
-  proper-noun / verb lemmas (entities ∪ content words when the pipeline has no tagger) — the query being the
-  question *and* the gold answer, stopwords dropped; δ = 2 (>= 3 shared terms, the release's rule; 1 for a record
-  without an answer, whose query has a term or two fewer) and ratio 0.5. This is how this package reads the
+  proper-noun / verb lemmas (a token's lower-cased text where the pipeline has no lemmatizer; entities ∪ content
+  words when it has no tagger) — the query being the question *and* the gold answer, stopwords dropped; δ = 2
+  (>= 3 shared terms, the release's rule; 1 for a record without an answer, whose query has a term or two fewer)
+  and ratio 0.5. An entity and the lemmas of its words are separate terms, as in the release: a chunk and a
+  question both naming the entity "Herman Melville" share "herman melville", "herman" and "melville" (three terms
+  for one name). This is how this package reads the
   paper's "score > δ = 6": a real question names two or three entities, so a distinct-entity overlap with the
   question never exceeds 6; the release's term set of question + answer is what tells the answering chunk apart
   (docs/data.md has the measurements).
@@ -71,14 +74,20 @@ def entity_terms(doc) -> Set[str]:
 
 
 def release_terms(doc) -> Set[str]:
-    """Entities and noun / proper-noun / verb lemmas (the authors' ``ImportanceScoring.py``)."""
-    return entity_terms(doc) | {tok.lemma_.lower() for tok in doc
-                                if tok.pos_ in ("NOUN", "PROPN", "VERB") and not tok.is_stop and tok.lemma_}
+    """Entities and noun / proper-noun / verb lemmas (the authors' ``ImportanceScoring.py``); a token without a
+    lemma (a pipeline without a lemmatizer) counts as its lower-cased text."""
+    return entity_terms(doc) | {(tok.lemma_ or tok.text).lower() for tok in doc
+                                if tok.pos_ in ("NOUN", "PROPN", "VERB") and not tok.is_stop}
 
 
 def tagged(nlp) -> bool:
     """Whether ``nlp`` assigns parts of speech (a tagger or a morphologizer)."""
     return "tagger" in nlp.pipe_names or "morphologizer" in nlp.pipe_names
+
+
+def lemmatized(nlp) -> bool:
+    """Whether ``nlp`` has a lemmatizer component (rule, lookup or trainable)."""
+    return any("lemmatizer" in factory for factory in nlp.pipe_factories.values())
 
 
 def query_terms(nlp) -> Callable[[str], Set[str]]:
@@ -133,7 +142,7 @@ def make_scorer(name: str = "auto", nlp=None, spacy_model: str = "en_core_web_sm
     if name == "entities":
         return Scorer("entities", lambda text: entity_terms(nlp(text)), use_answer=False,
                       delta=DEFAULT_DELTA["entities"])
-    if not tagged(nlp):
+    if not (tagged(nlp) and lemmatized(nlp)):
         raise ConfigError("--scorer release needs a pipeline with a tagger and a lemmatizer (noun / verb lemmas), "
                           f"e.g. en_core_web_sm; {spacy_model!r} has {nlp.pipe_names}")
     return Scorer("release", lambda text: release_terms(nlp(text)), use_answer=True, delta=DEFAULT_DELTA["release"])

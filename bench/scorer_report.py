@@ -102,8 +102,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spacy-model", default=None,
                         help="a spaCy pipeline name or path (default: the test pipeline, trained once into --cache)")
-    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "logo-kernels"),
-                        help="where the trained test pipeline is kept")
+    parser.add_argument("--cache", default=None,
+                        help="where the trained test pipeline is kept (default: ~/.cache/logo-kernels)")
     parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "scorers.csv"))
     args = parser.parse_args(argv)
     if args.spacy_model is None:

@@ -39,11 +39,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def trained_nlp_path(tmp_path_factory):
-    """A trained spaCy NER + POS pipeline (tests/ner_pipeline.py), trained once per session (~20 s on 2 cores)."""
+def trained_nlp_path():
+    """A trained spaCy NER + POS pipeline (tests/ner_pipeline.py), trained once per version of that file and of
+    spaCy (~15 s) and kept under ~/.cache/logo-kernels ($XDG_CACHE_HOME)."""
     pytest.importorskip("spacy")
-    from ner_pipeline import train_pipeline
+    from ner_pipeline import cached_path
 
-    path = str(tmp_path_factory.mktemp("spacy") / "ner-pipeline")
-    train_pipeline(path)
-    return path
+    return cached_path()

@@ -1,36 +1,41 @@
 """A small *trained* English spaCy pipeline for the scorer tests and ``bench/scorer_report.py``: no pipeline can be
-downloaded here, so one is trained offline in seconds, deterministically.
+downloaded here, so one is trained offline, deterministically.
 
 ``train_pipeline(path)`` trains ``spacy.blank("en")`` + ``ner`` (PERSON, GPE, LOC, ORG, DATE, WORK_OF_ART, NORP, FAC)
 + ``morphologizer`` (universal POS) on sentences generated from templates written for this project, whose slots are
-filled from name lists, plus the shipped public-domain text with the names it contains marked; a rule ``lemmatizer``
-(English suffix rules written here) follows. The scores the tests check come from that model's predictions. The
-training data never contains the documents of ``tests/data/realistic_qa.jsonl`` (it shares some common place names
-with them: London, Paris, ...).
+filled from name lists; a rule ``lemmatizer`` (English suffix rules written here) follows. The scores the tests check
+come from that model's predictions. The pipeline is held out from the set it is measured on,
+``tests/data/realistic_qa.jsonl``: it is trained on none of the set's text (not the shipped public-domain text,
+whose paragraphs are chunks of the set), and no name of its lists and no verb of its templates occurs in the set's
+questions or answers (``tests/test_scorers.py`` checks it). The set's documents do contain some of the list's
+places (London, Boston, ...) and common nouns of the templates (ship, army, ...).
+
+``cached_pipeline(directory)`` trains it once per version of this file and of spaCy and keeps it there.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
+import shutil
 from typing import Dict, List, Optional, Tuple
 
 # -- the name lists the slots are filled from --------------------------------------------------------------------
-FIRST = ("John Mary William Elizabeth James Margaret Thomas Anne Henry Catherine George Sarah Edward Alice Robert Emily "
-         "Charles Jane Samuel Harriet Walter Louisa Arthur Clara Frederick Martha Benjamin Eleanor Daniel Lucy Oliver "
-         "Agnes Hugh Edith Nathaniel Florence Ralph Beatrice Isaac Rose Peter Helen Silas Dorothy Amos Grace").split()
+FIRST = ("Thomas Anne Sarah Alice Emily Jane Samuel Harriet Walter Louisa Clara Frederick Martha Benjamin Eleanor "
+         "Daniel Lucy Oliver Agnes Hugh Edith Nathaniel Florence Ralph Beatrice Isaac Rose Peter Helen Silas Dorothy Amos Grace").split()
 LAST = ("Smith Brown Whitaker Hale Turner Fletcher Ashby Marlowe Pembroke Thornton Carver Ellison Hargreave Lindqvist "
         "Okafor Moreau Castellan Brandt Novak Fairfax Weston Holloway Radcliffe Sterling Dunmore Harwood Kingsley "
         "Prescott Vance Oakes Blackwood Merriweather Ransome Tolliver Garland Ashcombe Penhaligon Crowther").split()
-SINGLE = "Bartholomew Esmeralda Tobias Ulric Cordelia Thaddeus Oriana Lysander Zebulon Perpetua Ignatius Wilhelmina".split()
-GPE = ("London Paris Boston Chicago Lisbon Vienna Madrid Dublin Edinburgh Baltimore Richmond Savannah Liverpool "
-       "Bristol Hamburg Rome Naples Venice Geneva Zurich Brussels Amsterdam Moscow Warsaw Prague Cairo Calcutta Bombay "
-       "Canada Mexico France Spain Italy Germany Russia Poland Ireland Scotland England Portugal Egypt India China "
-       "Brazil Peru Ohio Virginia Maryland Georgia Texas California Vermont Maine Kentucky Tennessee").split() + [
-       "New York", "New Orleans", "San Francisco", "St. Louis", "New Jersey", "the United States", "South Carolina"]
-LOC = ["the Atlantic Ocean", "the Indian Ocean", "the Mediterranean", "the Alps", "the Rocky Mountains",
+SINGLE = "Esmeralda Tobias Ulric Cordelia Thaddeus Oriana Lysander Zebulon Perpetua Ignatius Wilhelmina".split()
+GPE = ("London Boston Chicago Lisbon Vienna Madrid Dublin Edinburgh Baltimore Richmond Savannah Liverpool "
+       "Bristol Hamburg Rome Naples Venice Zurich Brussels Amsterdam Moscow Warsaw Prague Cairo Calcutta Bombay "
+       "Mexico France Spain Italy Germany Russia Poland Ireland Scotland England Portugal Egypt India China "
+       "Brazil Peru Ohio Virginia Maryland Georgia Texas Vermont Maine Tennessee").split() + [
+       "New Orleans", "San Francisco", "St. Louis", "the United States", "South Carolina"]
+LOC = ["the Atlantic Ocean", "the Indian Ocean", "the Mediterranean", "the Rocky Mountains",
        "the Mississippi River", "the Thames", "the Rhine", "the Great Lakes", "the North Sea", "the Andes", "Lake Erie",
-       "the Cape of Good Hope", "the Arctic", "the Sahara", "the Black Sea", "the Danube", "Hudson Bay"]
+       "the Cape of Good Hope", "the Sahara", "the Black Sea", "the Danube", "Hudson Bay"]
 ORG = ["the Royal Society", "the East India Company", "the Bank of England", "Harvard College", "Oxford University",
        "the University of Edinburgh", "the Hudson's Bay Company", "the Royal Navy", "the Senate", "the Supreme Court",
        "the Academy of Sciences", "the Baltimore and Ohio Railroad", "the Pennsylvania Railroad", "Lloyd's of London",
@@ -44,82 +49,68 @@ WORK = ["The Pilgrim's Progress", "Paradise Lost", "Robinson Crusoe", "Gulliver'
         "The Last of the Mohicans", "Vanity Fair", "Jane Eyre", "Wuthering Heights", "Great Expectations", "Middlemarch",
         "The Scarlet Letter", "Treasure Island", "Little Women", "The Count of Monte Cristo", "Don Quixote",
         "Emma", "Oliver Twist", "The Raven", "Leaves of Grass", "Walden", "The Moonstone", "Kidnapped"]
-NORP = ("American British French German Spanish Italian Dutch Irish Scottish Russian Polish Portuguese Quaker Catholic "
+NORP = ("British German Spanish Italian Dutch Irish Scottish Russian Polish Portuguese Quaker Catholic "
         "Protestant Republican Democratic English Chinese Swiss").split()
 FAC = ["Westminster Bridge", "the Tower of London", "Covent Garden", "Drury Lane", "the Brooklyn Bridge",
        "Independence Hall", "Faneuil Hall", "the Crystal Palace", "Fleet Street", "Union Square", "King's Cross"]
 
 # -- the templates: every word's universal POS comes from LEXICON (default NOUN) -------------------------------------
 TEMPLATES = """
-{PERSON} was born in {GPE} in {DATE} .
-{PERSON} sailed from {GPE} to {GPE} in {DATE} .
 In {DATE} , {PERSON} moved to {GPE} and studied law .
 The captain of the ship was {PERSON} , a {NORP} sailor from {GPE} .
-{PERSON} wrote {WORK} in {DATE} .
-{WORK} is a novel by {PERSON} , published in {DATE} .
 {WORK} was first printed in {GPE} by {ORG} .
-{PERSON} married {PERSON} in {GPE} .
-{PERSON} and {PERSON} met at {FAC} in {DATE} .
-{ORG} was founded in {GPE} in {DATE} .
 {PERSON} worked for {ORG} for many years .
 The {NORP} army crossed {LOC} in {DATE} .
 The ship crossed {LOC} and reached {GPE} .
 {PERSON} led the expedition to {LOC} .
-The letters of {PERSON} are kept by {ORG} .
 {PERSON} told {PERSON} that the house in {GPE} was sold .
 After the war {PERSON} returned to {GPE} .
-{PERSON} , the son of {PERSON} , inherited the estate .
-The {NORP} merchants of {GPE} built the bridge .
 {PERSON} lived on {FAC} with his sister .
 In {DATE} the company moved its offices to {GPE} .
-She read {WORK} aloud to {PERSON} every evening .
-{PERSON} commanded the regiment at the battle of {GPE} .
 {PERSON} was elected president of {ORG} in {DATE} .
 The railroad joined {GPE} and {GPE} in {DATE} .
 {PERSON} discovered a new comet in {DATE} .
-{PERSON} gave a long speech at {FAC} .
 The museum in {GPE} bought the papers of {PERSON} .
 {PERSON} was a {NORP} painter who worked in {GPE} .
 Many {NORP} families settled near {LOC} .
 {PERSON} and his wife spent the winter in {GPE} .
 The newspaper was edited by {PERSON} from {DATE} .
-{PERSON} visited {GPE} with {PERSON} .
-The treaty was signed in {GPE} on {DATE} .
-{PERSON} died in {GPE} in {DATE} .
 {PERSON} asked {PERSON} to help him .
-The story of {WORK} takes place in {GPE} .
-{ORG} sent {PERSON} to {GPE} .
 {PERSON} said that the river was deep .
 They walked along {FAC} to the market .
 A storm struck the coast of {GPE} in {DATE} .
 {PERSON} taught at {ORG} .
 The old house stood near {LOC} .
 {PERSON} bought a farm in {GPE} .
-Who wrote {WORK} ?
+{PERSON} painted a portrait of {PERSON} in {DATE} .
+{PERSON} left {GPE} for {GPE} in {DATE} .
+{PERSON} owned a small mill in {GPE} .
+{ORG} opened a branch in {GPE} in {DATE} .
+{PERSON} translated {WORK} into {NORP} .
+{PERSON} and {PERSON} argued about {WORK} .
+The {NORP} engineers mapped {LOC} in {DATE} .
+{PERSON} practised medicine in {GPE} until {DATE} .
+When did {PERSON} leave {GPE} ?
+Who owned the mill near {FAC} ?
+Who translated {WORK} ?
 Where did {PERSON} live after {DATE} ?
-When was {ORG} founded ?
-Which ship did {PERSON} command in {DATE} ?
-Who married {PERSON} in {GPE} ?
 What did {PERSON} find near {LOC} ?
-How long did {PERSON} stay in {GPE} ?
-The ship was built in {GPE} for {ORG} .
 """.strip().splitlines()
 
 _WORDS = {
     "DET": "the a an this that these those every each his her their its no some many",
-    "ADP": "in to from of by at for with on along near after into across during over under since",
+    "ADP": "in to from of by at for with on along near after into across during over under since until about",
     "PRON": "she he they it who him them her what which",
     "AUX": "was is were are has had have be been will would did does",
     "CCONJ": "and but or",
     "SCONJ": "that because",
     "PART": "to",
-    "ADV": "first aloud long where when how",
-    "ADJ": "new old deep great long many",
+    "ADV": "first long where when how",
+    "ADJ": "new old deep great long many small",
     "NUM": "one two three",
-    "VERB": "born sailed moved studied wrote published printed married met founded worked crossed reached led kept told "
-            "sold returned inherited built lived read commanded elected joined discovered gave bought visited signed "
-            "died asked help said walked struck taught stood spent settled edited sent takes place painted live founded "
-            "command find stay",
+    "VERB": "moved studied printed worked crossed reached led told sold returned lived elected joined discovered "
+            "bought asked help said walked struck taught stood spent settled edited painted live find left owned "
+            "opened translated argued mapped practised leave",
 }
 LEXICON: Dict[str, str] = {}
 for _pos, _words in _WORDS.items():
@@ -130,10 +121,6 @@ for _p in ",.;:?":
 
 _FILLERS = {"GPE": GPE, "LOC": LOC, "ORG": ORG, "DATE": DATE, "WORK": WORK, "NORP": NORP, "FAC": FAC}
 _LABEL = {"WORK": "WORK_OF_ART"}
-# the names of the shipped text (logo/data/assets/haystack.txt), marked in its sentences
-SHIPPED_NAMES = {"Ishmael": "PERSON", "Manhattoes": "GPE", "Alice": "PERSON", "Lenore": "PERSON",
-                 "Liberty": None, "Oblonsky": "PERSON", "Oblonskys": "NORP", "England": "GPE", "France": "GPE",
-                 "Netherfield Park": "FAC", "Bingley": "PERSON", "Mrs. Long": "PERSON", "Bennet": "PERSON"}
 
 
 def _person(rng: random.Random) -> List[str]:
@@ -181,24 +168,6 @@ def template_examples(count: int, seed: int = 0) -> List[Tuple[List[str], List[s
     return out
 
 
-def shipped_examples() -> List[Tuple[str, List[Tuple[int, int, str]]]]:
-    """The shipped text's sentences with the names of ``SHIPPED_NAMES`` marked (character spans)."""
-    from logo.data.corpus import shipped_text
-
-    out = []
-    for sentence in re.split(r"(?<=[.!?;])\s+", shipped_text()):
-        spans = []
-        for name, label in SHIPPED_NAMES.items():
-            if label is None:
-                continue
-            for match in re.finditer(r"\b" + re.escape(name) + r"\b", sentence):
-                if not any(s < match.end() and match.start() < e for s, e, _ in spans):
-                    spans.append((match.start(), match.end(), label))
-        if sentence.strip():
-            out.append((sentence, spans))
-    return out
-
-
 # English suffix rules of the rule lemmatizer (written for this project): (suffix, replacement), tried in order.
 LEMMA_RULES = {
     "noun": [["ies", "y"], ["ches", "ch"], ["shes", "sh"], ["sses", "ss"], ["xes", "x"], ["s", ""]],
@@ -214,7 +183,7 @@ _TOK2VEC = {"@architectures": "spacy.HashEmbedCNN.v2", "pretrained_vectors": Non
 
 def train_pipeline(path: Optional[str] = None, *, sentences: int = 1200, epochs: int = 8, seed: int = 0):
     """Trains the pipeline (module doc) and saves it to ``path`` when given; returns the ``nlp``. Deterministic for a
-    seed. Takes ~30 s on 2 cores."""
+    seed."""
     import spacy
     from spacy.lookups import Lookups
     from spacy.tokens import Doc
@@ -234,8 +203,6 @@ def train_pipeline(path: Optional[str] = None, *, sentences: int = 1200, epochs:
         doc = Doc(nlp.vocab, words=words, spaces=spaces)
         gold = Doc(nlp.vocab, words=words, spaces=spaces, pos=pos, ents=ents)
         examples.append(Example(doc, gold))
-    for text, spans in shipped_examples():
-        examples.append(Example.from_dict(nlp.make_doc(text), {"entities": spans}))
     nlp.initialize(lambda: examples)
     rng = random.Random(seed)
     for _ in range(epochs):
@@ -251,16 +218,43 @@ def train_pipeline(path: Optional[str] = None, *, sentences: int = 1200, epochs:
     if path is not None:
         tmp = f"{path}.tmp-{os.getpid()}"
         nlp.to_disk(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process saved it first (a directory is not replaced): keep theirs
+            if not os.path.isdir(path):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return nlp
 
 
-def cached_pipeline(directory: str):
-    """The trained pipeline saved under ``directory`` (trained there first if missing)."""
+def cache_key() -> str:
+    """A hash of this file's source and the spaCy version: a cached pipeline is retrained when either changes."""
     import spacy
 
-    path = os.path.join(directory, "ner-pipeline")
+    with open(__file__, "rb") as handle:
+        source = handle.read()
+    return hashlib.sha256(source + spacy.__version__.encode()).hexdigest()[:16]
+
+
+def default_cache() -> str:
+    """``$XDG_CACHE_HOME/logo-kernels`` (``~/.cache/logo-kernels``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "logo-kernels")
+
+
+def cached_path(directory: Optional[str] = None) -> str:
+    """The path of the trained pipeline under ``directory`` (default :func:`default_cache`), trained there first
+    when this version is missing."""
+    directory = directory or default_cache()
+    path = os.path.join(directory, f"ner-pipeline-{cache_key()}")
     if not os.path.isdir(path):
         os.makedirs(directory, exist_ok=True)
         train_pipeline(path)
-    return spacy.load(path)
+    return path
+
+
+def cached_pipeline(directory: Optional[str] = None):
+    """The loaded pipeline of :func:`cached_path`."""
+    import spacy
+
+    return spacy.load(cached_path(directory))

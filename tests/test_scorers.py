@@ -33,9 +33,26 @@ def test_the_realistic_set_is_well_formed(documents):
 
 
 def test_the_trained_pipeline_predicts_entities_and_parts_of_speech(nlp):
-    doc = nlp("Marie Curie was born in Warsaw in 1867 and sailed to Paris.")
-    assert {"Marie Curie", "Warsaw", "1867", "Paris"} <= {e.text for e in doc.ents}
-    assert {t.text: t.pos_ for t in doc}["born"] == "VERB" and {t.text: t.lemma_ for t in doc}["sailed"] == "sail"
+    doc = nlp("Tobias Kingsley was elected in Lisbon in 1812 and walked to Vienna.")
+    assert {"Tobias Kingsley", "Lisbon", "1812", "Vienna"} <= {e.text for e in doc.ents}
+    assert {t.text: t.pos_ for t in doc}["elected"] == "VERB" and {t.text: t.lemma_ for t in doc}["walked"] == "walk"
+
+
+def test_the_test_pipeline_is_held_out_from_the_realistic_set(documents):
+    """No name the pipeline is trained on and no verb of its templates occurs in the set's questions or answers,
+    and it is trained on none of the set's text (tests/ner_pipeline.py)."""
+    import re
+
+    import ner_pipeline
+
+    asked = "\n".join(f"{q['question']}\n{q['answer'] or ''}" for d in documents for q in d["questions"])
+    occurs = lambda word, flags=0: re.search(rf"(?<!\w){re.escape(word)}(?!\w)", asked, flags)  # noqa: E731
+    names = [n for group in ("FIRST", "LAST", "SINGLE", "GPE", "LOC", "ORG", "DATE", "WORK", "NORP", "FAC")
+             for n in getattr(ner_pipeline, group)]
+    assert [n for n in names if occurs(n) or occurs(re.sub(r"^the ", "", n))] == []
+    assert [v for v, pos in ner_pipeline.LEXICON.items() if pos == "VERB" and occurs(v, re.I)] == []
+    source = open(ner_pipeline.__file__, encoding="utf-8").read()
+    assert "shipped_text" not in source  # the shipped text's paragraphs are chunks of the set
 
 
 def test_auto_finds_the_answering_chunks_with_a_trained_pipeline(nlp, documents):
@@ -49,7 +66,13 @@ def test_auto_finds_the_answering_chunks_with_a_trained_pipeline(nlp, documents)
         assert set(answers) <= set(critical), (example, scores)
     assert result["answer_critical"] >= 0.9 and result["with_critical"] >= 0.95
     assert result["negative_sees_answer"] <= 0.05  # the instruction-unfollowing negative does not see the answer
-    assert evaluate(auto, documents, with_answer=False)["answer_critical"] >= 0.85  # general documents: no answer
+    # the hallucination negative leaves the best-scored critical chunks out: it sees the whole answer only where a
+    # lower-scored critical chunk is the answering one (6 of 64 measured)
+    assert result["hallucination_sees_answer"] <= 0.15
+    # general documents (no answer): measured 57 of 64 (bench/results/scorers.csv); the bar leaves 3 records of
+    # margin, so a retrained pipeline (another spaCy) that moves a record or two does not fail it
+    without = evaluate(auto, documents, with_answer=False)
+    assert round(without["answer_critical"] * without["records"]) >= 54
     literal = evaluate(make_scorer("entities", nlp=nlp), documents)
     assert literal["with_critical"] == 0  # no real question names 7 entities
 

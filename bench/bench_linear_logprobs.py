@@ -40,8 +40,10 @@ import harness  # noqa: E402
 
 METHODS = ["naive", "torch_lce", "ours_torch", "ours_cpp", "ours_cpp_filter", "ours_triton", "ours_triton_filter",
            "ours_triton_fast", "ours_triton_fast_filter", "cce", "liger", "trl"]
-GPU_METHODS = ["naive", "torch_lce", "ours_triton", "ours_triton_filter", "ours_triton_fast", "ours_triton_fast_filter",
-               "cce", "liger"]
+GPU_METHODS = ["naive", "torch_lce", "ours_triton", "ours_triton_fast", "cce", "liger"]
+#: ``--gpu-filter``: gradient filtering at bf16 "auto" on LM-like inputs against the unfiltered kernels and CCE (whose
+#: own filter is on by default at bf16).
+GPU_FILTER_METHODS = ["ours_triton", "ours_triton_filter", "ours_triton_fast", "ours_triton_fast_filter", "cce"]
 INPUTS = ("gaussian", "lm_like")
 FULL_NS = [1024, 2048, 4096, 8192, 16384]
 FULL_VOCABS = [32000, 128256]
@@ -57,13 +59,14 @@ def parse_filter_eps(value: str):
     return value if value == "auto" else float(value)
 
 
-def build_inputs(inputs: str, n: int, vocab: int, dim: int, seed: int = 0):
-    """(hidden [n, dim], weight [vocab, dim], targets [n]) fp32 on CPU: Gaussian, or LM-like (bench/lm_like.py)."""
+def build_inputs(inputs: str, n: int, vocab: int, dim: int, seed: int = 0, device: str = "cpu"):
+    """(hidden [n, dim], weight [vocab, dim], targets [n]) fp32 on ``device``: Gaussian, or LM-like
+    (bench/lm_like.py; built on the CPU, its targets drawn on ``device``)."""
     import torch
 
     if inputs == "lm_like":
         import lm_like
-        hidden, weight = lm_like.lm_like(n, vocab, dim, seed)
+        hidden, weight = (x.to(device) for x in lm_like.lm_like(n, vocab, dim, seed))
         return hidden, weight, lm_like.sample_targets(hidden, weight, seed)
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, dim, generator=g)
@@ -79,7 +82,7 @@ def build_step(method: str, n: int, vocab: int, dim: int, head: str = "trainable
     import torch
 
     cast = dict(device=device, dtype=getattr(torch, DTYPES[dtype]))
-    hidden, weight, targets = build_inputs(inputs, n, vocab, dim, seed)
+    hidden, weight, targets = build_inputs(inputs, n, vocab, dim, seed, device)
     hidden = hidden.to(**cast).requires_grad_()
     weight = weight.to(**cast).requires_grad_(head == "trainable")
     targets = targets.to(device)
@@ -186,6 +189,8 @@ def main(argv=None) -> None:
                         help="filter_eps of the *_filter methods: auto or a float (default auto)")
     parser.add_argument("--gpu", action="store_true",
                         help="CUDA, bf16, D = 4096, V = 128256, N in {4096, 16384, 65536}: " + ", ".join(GPU_METHODS))
+    parser.add_argument("--gpu-filter", action="store_true",
+                        help="CUDA, bf16, D = 4096, V = 128256, N = 16384, LM-like inputs: " + ", ".join(GPU_FILTER_METHODS))
     parser.add_argument("--from-csv", action="store_true",
                         help="measure nothing: recompute ratios, CSV and plot from PREFIX.csv")
     harness.add_run_arguments(parser, "linear_logprobs")
@@ -196,6 +201,9 @@ def main(argv=None) -> None:
     if args.gpu:
         args.device, args.dtype, args.dim, args.vocabs = "cuda", "bf16", 4096, [128256]
         args.ns, args.methods = chosen_ns or [4096, 16384, 65536], GPU_METHODS
+    if args.gpu_filter:
+        args.device, args.dtype, args.dim, args.vocabs, args.inputs = "cuda", "bf16", 4096, [128256], ["lm_like"]
+        args.ns, args.methods = chosen_ns or [16384], GPU_FILTER_METHODS
 
     parse_filter_eps(args.filter_eps)  # a bad value fails here, not in every case
     cases = []

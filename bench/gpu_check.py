@@ -5,14 +5,17 @@ GPU time is scarce (15 minutes a task, the machine's start included), so the che
 (``--budget-s``: 450 s, quick 210 s): each stage gets what is left of it, capped at the stage's own limit, and a
 stage that would not fit its minimum is skipped and said so. ``summary.md`` is rewritten after every stage, so a
 run cut short still returns what it measured. Expected durations on one H200 (the stages' caps in brackets):
-tests ~120 s [200 s], op benchmark ~90 s [150 s], loss ~45 s [80 s], step ~45 s [80 s], attention ~40 s [70 s].
+tests ~120 s [200 s], op benchmark ~90 s [150 s], filtering ~50 s [90 s], loss ~45 s [80 s], step ~45 s [80 s],
+attention ~40 s [70 s].
 
 1. the environment (GPU, capability, torch, Triton, CUDA) -> ``environment.json``;
 2. the gpu-marked tests (``tests/test_gpu.py``: every backend mode vs float64 at bf16 / fp16 / fp32, N·V > 2^31,
    determinism, autotuned tiles, memory bounds) -> ``tests.xml`` and their counts;
 3. the op benchmark (``bench_linear_logprobs.py --gpu``: bf16, D = 4096, V = 128256, N = 4K / 16K / 64K; ours
    deterministic and with one recomputation, naive, torch ``F.linear_cross_entropy``, Cut-Cross-Entropy, Liger;
-   time, peak ``torch.cuda.max_memory_allocated``, TFLOP/s counted as 6·N·V·D);
+   time, peak ``torch.cuda.max_memory_allocated``, TFLOP/s counted as 6·N·V·D), and gradient filtering
+   (``--gpu-filter``: bf16 ``filter_eps="auto"`` on LM-like inputs at N = 16K, both Triton schedules with and without
+   it, Cut-Cross-Entropy);
 4. the loss benchmark (``bench_loss.py --gpu``) and one LOGO step of a 1B-scale Llama at 32K
    (``bench_step.py --gpu``);
 5. ``summary.md``: the tables and the targets (at N = 16K: ours <= 0.8x the materialised baseline's time, <= 5% of
@@ -77,8 +80,8 @@ def run(command, log, env=None, timeout=1800) -> int:
 
 
 # (name, expected seconds on one H200, cap, minimum worth starting)
-STAGES = [("tests", 120, 200, 60), ("linear_logprobs", 90, 150, 40), ("loss", 45, 80, 30), ("step", 45, 80, 30),
-          ("attention", 40, 70, 25)]
+STAGES = [("tests", 120, 200, 60), ("linear_logprobs", 90, 150, 40), ("filter", 50, 90, 30), ("loss", 45, 80, 30),
+          ("step", 45, 80, 30), ("attention", 40, 70, 25)]
 QUICK_STAGES = ("tests", "linear_logprobs")
 
 
@@ -166,12 +169,16 @@ def main(argv=None) -> int:
                   "step": ["--contexts", "32", "--negatives", "2", "--vocabs", "300", "--response", "8", "--dim",
                            "64", "--layers", "1"],
                   "attention": ["--prefixes", "64", "--response", "8", "--heads", "2", "--kv-heads", "1",
-                                "--head-dim", "8"]}
+                                "--head-dim", "8"],
+                  "filter": ["--ns", "32", "--vocabs", "300", "--dim", "16", "--inputs", "lm_like", "--methods",
+                             "ours_triton", "ours_triton_filter", "--device", "cpu"]}
     else:
         extras = {"linear_logprobs": ["--gpu"] + (["--ns", "16384"] if args.quick else []),
                   "loss": ["--gpu", "--heads", "trainable", "frozen"], "step": ["--gpu"],
-                  "attention": ["--gpu"]}  # exact vs FlexAttention at 32K / 64K prefixes, 3 x 512-token responses
-    scripts = {"linear_logprobs": "bench_linear_logprobs.py", "loss": "bench_loss.py", "step": "bench_step.py",
+                  "attention": ["--gpu"],  # exact vs FlexAttention at 32K / 64K prefixes, 3 x 512-token responses
+                  "filter": ["--gpu-filter"]}  # bf16 "auto" on LM-like inputs at N = 16K vs unfiltered and CCE
+    scripts = {"linear_logprobs": "bench_linear_logprobs.py", "filter": "bench_linear_logprobs.py",
+               "loss": "bench_loss.py", "step": "bench_step.py",
                "attention": "bench_attention.py"}
     env = dict(os.environ, TRITON_INTERPRET="1") if args.cpu_smoke else None  # the kernels' interpreter variant
     stages = [stage for stage in STAGES if not args.quick or stage[0] in QUICK_STAGES]
@@ -222,6 +229,9 @@ def write_summary(out: str, info: dict, started: float, tests: dict, record: dic
     summary += ["", "## Op: fwd + bwd with a per-token gradient", "",
                 table(op_rows, ["method", "n", "median_s", "peak_extra_mib", "time_vs_naive", "memory_vs_naive",
                                 "tflops_6nvd", "error"]),
+                "## Gradient filtering (bf16, filter_eps=\"auto\", LM-like inputs, N = 16K)", "",
+                table(read_rows(os.path.join(out, "filter.csv")),
+                      ["method", "n", "median_s", "peak_extra_mib", "tflops_6nvd", "error"]),
                 "## LOGO loss", "", table(read_rows(os.path.join(out, "loss.csv")),
                                           ["method", "head", "tokens", "negatives", "median_s", "peak_extra_mib",
                                            "time_vs_naive", "memory_vs_naive", "error"]),

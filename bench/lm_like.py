@@ -74,24 +74,29 @@ def lm_like(n: int, vocab: int, dim: int, seed: int = 0, params: LmLike = LmLike
     for d0 in range(0, n, p.doc):
         m = min(p.doc, n - d0)
         topic = torch.randint(0, vocab, (p.topic,), generator=g)
-        rows = (_uniform(p.topic_boost, (p.topic,), g)[:, None] * embed[topic]).sum(0).expand(m, dim).clone()
+        base = (_uniform(p.topic_boost, (p.topic,), g)[:, None] * embed[topic]).sum(0)
         picks = topic[torch.randint(0, p.topic, (m, p.ctx), generator=g)]
-        rows += torch.einsum("mk,mkd->md", _uniform(p.boost, (m, p.ctx), g), embed[picks])
-        if p.private:
-            own = torch.randint(0, vocab, (m, p.private), generator=g)
-            rows += torch.einsum("mk,mkd->md", _uniform(p.private_boost, (m, p.private), g), embed[own])
-        hidden[d0:d0 + m] = rows
+        boosts = _uniform(p.boost, (m, p.ctx), g)
+        own = torch.randint(0, vocab, (m, p.private), generator=g)
+        own_boosts = _uniform(p.private_boost, (m, p.private), g)
+        for r0 in range(0, m, 256):  # rows in chunks: the gathered embeddings are [rows, ids, D]
+            r1 = min(m, r0 + 256)
+            rows = base + torch.einsum("mk,mkd->md", boosts[r0:r1], embed[picks[r0:r1]])
+            if p.private:
+                rows += torch.einsum("mk,mkd->md", own_boosts[r0:r1], embed[own[r0:r1]])
+            hidden[d0 + r0:d0 + r1] = rows
     hidden += p.noise * torch.randn(n, dim, generator=g)
     hidden += p.freq * u[None, :]
     return hidden * p.scale, weight
 
 
 def sample_targets(hidden: torch.Tensor, weight: torch.Tensor, seed: int = 0, chunk: int = 256) -> torch.Tensor:
-    """Targets drawn from the model's own softmax (an LM predicts its training text about this well)."""
-    g = torch.Generator().manual_seed(seed)
+    """Targets [n] drawn from the model's own softmax (an LM predicts its training text about this well), on the
+    inputs' device (a GPU draws them fast at large shapes)."""
+    g = torch.Generator(device=hidden.device).manual_seed(seed)
     out = []
     for start in range(0, hidden.shape[0], chunk):
-        probs = torch.softmax(hidden[start:start + chunk] @ weight.T, dim=1)
+        probs = torch.softmax((hidden[start:start + chunk] @ weight.T).float(), dim=1)
         out.append(torch.multinomial(probs, 1, generator=g).squeeze(1))
     return torch.cat(out)
 

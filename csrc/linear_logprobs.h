@@ -20,14 +20,15 @@ void check_op_inputs(const at::Tensor& hidden, const at::Tensor& weight, const s
                      const at::Tensor& targets, int64_t block_tokens, int64_t block_vocab);
 
 // -> (logp, lse, basis, entropy, log_sum_sq_probs, mean_logits, is_top1, live); [0]-sized where not asked for.
-// With `filter`, live [N, ceil(V / block_vocab)] bool marks the (token, vocabulary tile of the walk `order`)
-// pairs the backward must visit (see linear_logprobs_fwd.cpp).
+// With `filter`, live [N, ceil(V / filter_block)] bool marks the (token, block of filter_block ids of the walk
+// `order`) pairs the backward must visit (see linear_logprobs_fwd.cpp); block_vocab is a multiple of filter_block.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& targets, double logit_scale, double inv_temperature, double softcap,
                         int64_t block_tokens, int64_t block_vocab, bool with_basis, bool want_entropy,
                         bool want_log_sum_sq, bool want_mean, bool want_top1, int64_t workspace_bytes, bool filter,
-                        double log_filter_eps, double max_skipped_mass, const std::optional<at::Tensor>& order);
+                        int64_t filter_block, double log_filter_eps, double max_skipped_mass,
+                        const std::optional<at::Tensor>& order);
 
 // -> (grad_hidden, grad_weight, grad_bias); [0]-sized where not asked for. With `live` (the forward's, same
 // block_vocab and order) only the live (token, tile) pairs are recomputed and multiplied.
@@ -37,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     const std::optional<at::Tensor>& entropy, double logit_scale, double inv_temperature, double softcap,
     int64_t block_tokens, int64_t block_vocab, bool need_hidden, bool need_weight, bool need_bias,
-    int64_t workspace_bytes, const std::optional<at::Tensor>& live, const std::optional<at::Tensor>& order);
+    int64_t workspace_bytes, const std::optional<at::Tensor>& live, int64_t filter_block,
+    const std::optional<at::Tensor>& order);
 
 }  // namespace logo_kernels

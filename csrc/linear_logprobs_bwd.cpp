@@ -59,12 +59,13 @@ inline void grad_logits_tile(at::Tensor& x, const at::Tensor& a, const at::Tenso
 // The filtered backward (see the file comment): same results as the unfiltered one on every live pair.
 static void filtered_backward(const Coefficients& co, const at::Tensor& h32, const at::Tensor& w, const float* bias,
                               const at::Tensor& target_pos, const LogitTransform& tf, const VocabOrder& order,
-                              const at::Tensor& live, int64_t bn, int64_t bv, int64_t slices, int64_t sb,
+                              const at::Tensor& live, int64_t fb, int64_t bn, int64_t bv, int64_t slices, int64_t sb,
                               at::Tensor& dh32, at::Tensor& dw32, at::Tensor& db32) {
   const int64_t n = h32.size(0);
   const int64_t dim = h32.size(1);
   const int64_t vocab = w.size(0);
-  const int64_t num_tiles = live.size(1);
+  const int64_t num_blocks = live.size(1);      // filter blocks of fb ids
+  const int64_t num_tiles = ceil_div(vocab, bv);  // walk tiles of bv ids (a multiple of fb)
   const bool need_hidden = dh32.defined(), need_weight = dw32.defined(), need_bias = db32.defined();
   const auto f32 = h32.options().dtype(at::kFloat);
   const auto i64 = h32.options().dtype(at::kLong);
@@ -92,6 +93,13 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
         for (int64_t tile = s; tile < num_tiles; tile += slices) {
           const int64_t v0 = tile * bv;
           const int64_t cur_bv = std::min(bv, vocab - v0);
+          const int64_t b0 = v0 / fb, b1 = ceil_div(v0 + cur_bv, fb);  // the tile's filter blocks
+          auto row_live = [&](int64_t token) {
+            for (int64_t b = b0; b < b1; ++b) {
+              if (live_p[token * num_blocks + b]) return true;
+            }
+            return false;
+          };
           at::Tensor wt;  // built at the first live token of the tile
           const float* bt = nullptr;
           at::Tensor dw_acc = need_weight ? (order.defined() ? dw_tile.narrow(0, 0, cur_bv) : dw32.narrow(0, v0, cur_bv))
@@ -105,7 +113,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
             int64_t* rows = rows_buf.data_ptr<int64_t>();
             int64_t k = 0;
             for (; next < sb0 + nsb && k < bn; ++next) {
-              if (live_p[next * num_tiles + tile]) rows[k++] = next;
+              if (row_live(next)) rows[k++] = next;
             }
             if (k == 0) break;
             if (!visited) {
@@ -142,10 +150,15 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
             at::Tensor weights = tile_of(weights_buf);
             compute_logits_tile(x, h_rows, wt, bt, tf, slope.defined() ? &slope : nullptr);
             grad_logits_tile(x, pick(co.a), pick(co.c), coef_t.data(), pick(co.lse), targets_at.data(), slope, weights);
-            if (contiguous && m != k) {  // the skipped pairs of the span contribute nothing (the rule, exactly)
+            {  // the skipped (token, block) pairs of the computed rows contribute nothing (the rule, exactly)
               float* xp = x.data_ptr<float>();
               for (int64_t r = 0; r < m; ++r) {
-                if (!live_p[(first + r) * num_tiles + tile]) std::fill(xp + r * cur_bv, xp + (r + 1) * cur_bv, 0.0f);
+                const int64_t token = contiguous ? first + r : rows[r];
+                for (int64_t b = b0; b < b1; ++b) {
+                  if (live_p[token * num_blocks + b]) continue;
+                  const int64_t c0 = b * fb - v0, c1 = std::min(cur_bv, c0 + fb);
+                  std::fill(xp + r * cur_bv + c0, xp + r * cur_bv + c1, 0.0f);
+                }
               }
             }
             if (need_hidden) {
@@ -180,7 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     const std::optional<at::Tensor>& entropy, double logit_scale, double inv_temperature, double softcap,
     int64_t block_tokens, int64_t block_vocab, bool need_hidden, bool need_weight, bool need_bias,
-    int64_t workspace_bytes, const std::optional<at::Tensor>& live, const std::optional<at::Tensor>& order_arg) {
+    int64_t workspace_bytes, const std::optional<at::Tensor>& live, int64_t filter_block,
+    const std::optional<at::Tensor>& order_arg) {
   check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
   const int64_t n = hidden.size(0);
   const int64_t dim = hidden.size(1);
@@ -236,12 +250,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
 
   TORCH_CHECK(live.has_value() || !order_arg.has_value(), "a vocabulary order is only used with filtering");
   if (live.has_value()) {
+    TORCH_CHECK(filter_block > 0 && block_vocab % filter_block == 0, "block_vocab must be a multiple of filter_block");
+    const int64_t fb = std::min(filter_block, bv);
     TORCH_CHECK(live->scalar_type() == at::kBool && live->dim() == 2 && live->size(0) == n &&
-                    live->size(1) == ceil_div(vocab, bv) && live->is_contiguous(),
-                "live must be the forward's contiguous bool [N, ceil(V / block_vocab)]");
+                    live->size(1) == ceil_div(vocab, fb) && live->is_contiguous(),
+                "live must be the forward's contiguous bool [N, ceil(V / filter_block)]");
     const VocabOrder order = VocabOrder::of(order_arg, vocab);
     const Coefficients co{coef_a, coef_c, coef_t, lse32};
-    filtered_backward(co, h32, w, bias_ptr, order.positions_of(targets), tf, order, live->contiguous(), bn, bv,
+    filtered_backward(co, h32, w, bias_ptr, order.positions_of(targets), tf, order, live->contiguous(), fb, bn, bv,
                       slices, sb, dh32, dw32, db32);
     return finish();
   }

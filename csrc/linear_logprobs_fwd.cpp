@@ -46,7 +46,8 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
                         const at::Tensor& targets, double logit_scale, double inv_temperature, double softcap,
                         int64_t block_tokens, int64_t block_vocab, bool with_basis, bool want_entropy,
                         bool want_log_sum_sq, bool want_mean, bool want_top1, int64_t workspace_bytes, bool filter,
-                        double log_filter_eps, double max_skipped_mass, const std::optional<at::Tensor>& order_arg) {
+                        int64_t filter_block, double log_filter_eps, double max_skipped_mass,
+                        const std::optional<at::Tensor>& order_arg) {
   check_op_inputs(hidden, weight, bias, targets, block_tokens, block_vocab);
   const int64_t n = hidden.size(0);
   const int64_t dim = hidden.size(1);
@@ -61,7 +62,11 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
   at::Tensor mean_logits = want_mean ? at::empty({n}, f32) : none();
   at::Tensor is_top1 = want_top1 ? at::empty({n}, hidden.options().dtype(at::kBool)) : at::empty({0}, at::kBool);
   const int64_t bv = std::min(block_vocab, vocab);
-  const int64_t num_tiles = ceil_div(vocab, bv);
+  // filtering's blocks: filter_block ids each, aligned inside the walk's tiles
+  TORCH_CHECK(!filter || (filter_block > 0 && block_vocab % filter_block == 0),
+              "block_vocab must be a multiple of filter_block");
+  const int64_t fb = filter ? std::min(filter_block, bv) : 1;
+  const int64_t num_tiles = filter ? ceil_div(vocab, fb) : 0;  // (filter blocks)
   at::Tensor live = filter ? at::zeros({n, num_tiles}, hidden.options().dtype(at::kBool)) : at::empty({0}, at::kBool);
   auto result = [&]() { return std::make_tuple(logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1, live); };
   if (n == 0) return result();
@@ -134,7 +139,12 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
           at::Tensor m_old = st.max.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
           at::Tensor sum = st.sum.select(0, t.slice).narrow(0, t.n0, t.cur_bn);
           const at::Tensor x_max = x.amax(1);  // amax: no argmax work
-          if (filter) tile_max.select(1, t.v0 / bv).narrow(0, t.n0 - sb0, t.cur_bn).copy_(x_max);
+          if (filter) {
+            for (int64_t c0 = 0; c0 < t.cur_bv; c0 += fb) {
+              at::Tensor out = tile_max.select(1, (t.v0 + c0) / fb).narrow(0, t.n0 - sb0, t.cur_bn);
+              at::amax_out(out, x.narrow(1, c0, std::min(fb, t.cur_bv - c0)), {1});
+            }
+          }
           at::Tensor m_new = at::maximum(m_old, x_max).clamp_min_(floor);
           const at::Tensor rescale = (m_old - m_new).exp_();
           x.sub_(m_new.unsqueeze(1));  // x <- y = x - m_new
@@ -156,7 +166,13 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
             sq.mul_(rescale.square()).add_(x.sum(1));
           }
           const at::Tensor tile_sum = e.sum(1);
-          if (filter) tile_lse.select(1, t.v0 / bv).narrow(0, t.n0 - sb0, t.cur_bn).copy_(tile_sum.log() + m_new);
+          if (filter) {
+            for (int64_t c0 = 0; c0 < t.cur_bv; c0 += fb) {
+              at::Tensor out = tile_lse.select(1, (t.v0 + c0) / fb).narrow(0, t.n0 - sb0, t.cur_bn);
+              at::sum_out(out, e.narrow(1, c0, std::min(fb, t.cur_bv - c0)), {1});
+              out.log_().add_(m_new);
+            }
+          }
           sum.mul_(rescale).add_(tile_sum);
           if (with_basis) {
             if (need_slope) e.mul_(slope);
@@ -176,7 +192,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
     if (filter) {  // logo_kernels/backends/base.py live_pairs
       const at::Tensor lse_col = lse_sb.unsqueeze(1);
       at::Tensor dead = (tile_max - lse_col).lt(log_filter_eps);
-      dead.scatter_(1, target_pos.narrow(0, sb0, nsb).div(bv, "floor").unsqueeze(1), false);
+      dead.scatter_(1, target_pos.narrow(0, sb0, nsb).div(fb, "floor").unsqueeze(1), false);
       const at::Tensor mass = at::where(dead, (tile_lse - lse_col).exp_(), std::numeric_limits<float>::infinity());
       const auto sorted = at::sort(mass, /*stable=*/true, /*dim=*/1, /*descending=*/false);
       const at::Tensor skip = at::zeros_like(dead).scatter_(1, std::get<1>(sorted),

@@ -33,7 +33,7 @@ TORCH_LIBRARY(logo_kernels, m) {
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float logit_scale, "
       "float inv_temperature, float softcap, int block_tokens, int block_vocab, bool with_basis, bool want_entropy, "
-      "bool want_log_sum_sq, bool want_mean, bool want_top1, int workspace_bytes, bool filter, "
+      "bool want_log_sum_sq, bool want_mean, bool want_top1, int workspace_bytes, bool filter, int filter_block, "
       "float log_filter_eps, float max_skipped_mass, Tensor? order) "
       "-> (Tensor logp, Tensor lse, Tensor basis, Tensor entropy, Tensor log_sum_sq_probs, Tensor mean_logits, "
       "Tensor is_top1, Tensor live)");
@@ -41,7 +41,8 @@ TORCH_LIBRARY(logo_kernels, m) {
       "linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_lse, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
       "Tensor? bias, Tensor targets, Tensor lse, Tensor? entropy, float logit_scale, float inv_temperature, "
       "float softcap, int block_tokens, int block_vocab, bool need_hidden, bool need_weight, bool need_bias, "
-      "int workspace_bytes, Tensor? live, Tensor? order) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "int workspace_bytes, Tensor? live, int filter_block, Tensor? order) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(logo_kernels, CPU, m) {

@@ -244,11 +244,12 @@ def linear_logprobs(
             the other backends are always deterministic.
         filter_eps: gradient filtering (docs/filtering.md). None (default): exact gradients. A float in (0, 2^-7],
             or "auto" (finfo(dtype).eps / 32 of the least precise of hidden and weight: 2^-12 bf16, 2^-15 fp16,
-            2^-28 fp32): the recomputing backward skips every (token, vocabulary block) pair whose probabilities
-            all lie below it and that does not hold the target; the skipped dL/dlogit entries are each at most
-            ``filter_eps * (|g_lse - g - g_H H| + |g_H| ln(1/filter_eps)) * logit_scale / temperature``
-            (g, g_lse, g_H: the upstream gradients of logp, lse, entropy), i.e. relative to the upstream gradient.
-            The forward outputs are exact either way.
+            2^-28 fp32): the recomputing backward skips (token, vocabulary block) pairs whose probabilities all lie
+            below it and that do not hold the target, the least probable first, at most 16 * filter_eps of each
+            token's probability mass. A skipped dL/dlogit entry is at most
+            ``filter_eps * (|g_lse - g - g_H H| + |g_H| ln(1/filter_eps)) * logit_scale / temperature`` (g, g_lse,
+            g_H: the upstream gradients of logp, lse, entropy); the per-token bound is in docs/filtering.md. The
+            forward outputs are unchanged (up to summation order).
 
     Returns:
         float32 [...] log-probs (float64 for float64 inputs); with ``return_lse`` a pair (logp, lse); with

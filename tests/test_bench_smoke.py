@@ -64,7 +64,7 @@ def test_gpu_check_runs_every_step_on_cpu_and_skips_missing_peers_with_a_reason(
                              "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name in ("summary.md", "environment.json", "tests.xml", "linear_logprobs.csv", "loss.csv", "step.csv",
-                 "attention.csv", "linear_logprobs.png", "loss.png", "step.png"):
+                 "attention.csv", "filter.csv", "linear_logprobs.png", "loss.png", "step.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = {r["method"]: r for r in csv.DictReader(open(out / "linear_logprobs.csv"))}
     assert rows["naive"]["time_vs_naive"] == "1.0" and float(rows["ours_torch"]["median_s"]) > 0
@@ -74,8 +74,11 @@ def test_gpu_check_runs_every_step_on_cpu_and_skips_missing_peers_with_a_reason(
     assert all(float(loss[m]["median_s"]) > 0 for m in ("naive", "ours"))
     step = {r["method"]: r for r in csv.DictReader(open(out / "step.csv"))}
     assert set(step) == {"authors", "ours"} and all(float(r["median_s"]) > 0 for r in step.values())
+    filtered = {r["method"]: r for r in csv.DictReader(open(out / "filter.csv"))}
+    assert {r["inputs"] for r in filtered.values()} == {"lm_like"}
+    assert all(float(filtered[m]["median_s"]) > 0 for m in ("ours_triton", "ours_triton_filter"))
     summary = (out / "summary.md").read_text()
-    assert "## Targets" in summary and "## One LOGO step" in summary
+    assert "## Targets" in summary and "## One LOGO step" in summary and "## Gradient filtering" in summary
 
 
 def test_gpu_check_parses():

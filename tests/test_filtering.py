@@ -406,12 +406,12 @@ def test_the_raw_ops_take_no_order_as_the_identity(backend, small_triton_tiles):
     results = []
     for order in (None, torch.arange(300)):
         if backend == "cpp":
-            out = torch.ops.logo_kernels.linear_logprobs_fwd(hidden, weight, None, targets, 1.0, 1.0, 0.0, 8, 128, False,
-                                                             False, False, False, False, 1 << 20, True, math.log(2**-10),
-                                                             16 * 2**-10, order)
+            out = torch.ops.logo_kernels.linear_logprobs_fwd(hidden, weight, None, targets, 1.0, 1.0, 0.0, 8, 256, False,
+                                                             False, False, False, False, 1 << 20, True, 128,
+                                                             math.log(2**-10), 16 * 2**-10, order)
             grads = torch.ops.logo_kernels.linear_logprobs_bwd(grad, None, None, hidden, weight, None, targets, out[1],
-                                                               None, 1.0, 1.0, 0.0, 8, 128, True, True, False, 1 << 20,
-                                                               out[7], order)
+                                                               None, 1.0, 1.0, 0.0, 8, 256, True, True, False, 1 << 20,
+                                                               out[7], 128, order)
         else:
             from logo_kernels.backends.triton import triton_backward, triton_forward
             out = triton_forward(hidden, weight, None, targets, 1.0, 1.0, 0.0, 16, False, False, False, False, False,

@@ -272,14 +272,13 @@ def test_cpp_superblocks_match_single_pass(softcap, filtered):
     grad_lse, grad_entropy = torch.randn(300), torch.randn(300)
     fwd, bwd = torch.ops.logo_kernels.linear_logprobs_fwd, torch.ops.logo_kernels.linear_logprobs_bwd
     order = torch.randperm(5000, generator=torch.Generator().manual_seed(3)) if filtered else None
-    block = 128 if filtered else 512
     results = []
     for workspace in (1 << 30, 1):  # one superblock; superblocks of one 16-token block
-        outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, softcap, 16, block, not filtered, True, True, True,
-                      True, workspace, filtered, math.log(2**-10), 16 * 2**-10, order)
+        outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, softcap, 16, 512, not filtered, True, True, True,
+                      True, workspace, filtered, 128, math.log(2**-10), 16 * 2**-10, order)
         live = outputs[7] if filtered else None
         grads = bwd(g, grad_lse, grad_entropy, hidden, weight, bias, targets, outputs[1], outputs[3], 1.7, 0.8,
-                    softcap, 16, block, True, True, True, workspace, live, order)
+                    softcap, 16, 256 if filtered else 512, True, True, True, workspace, live, 128, order)
         results.append(tuple(outputs) + tuple(grads))
     if filtered:
         assert 0 < results[0][7].float().mean() < 1, "nothing (or everything) skipped: the test tests nothing"

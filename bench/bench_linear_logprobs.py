@@ -273,7 +273,7 @@ def _numeric(row: dict) -> dict:
 def finish(rows: list[dict], prefix: str) -> None:
     add_ratios(rows)
     dtype = next((r.get("dtype") for r in rows if r.get("dtype")), "fp32")
-    harness.save_results(rows, prefix, x="n", panel_keys=("head", "vocab"), series_order=METHODS,
+    harness.save_results(rows, prefix, x="n", panel_keys=("head", "vocab", "inputs"), series_order=METHODS,
                          title=f"fwd+bwd, {dtype}")
 
 

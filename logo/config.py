@@ -286,6 +286,8 @@ def _convert(name: str, value: Any) -> Any:
             items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
             element = typing.get_args(kind)[0]
             return tuple(_number(element, x) for x in items)
+        if name == "loss_filter_eps" and isinstance(value, (int, float)):  # a config file's number, kept as text
+            return repr(float(value))
         if kind is str:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {value!r}")

@@ -436,3 +436,18 @@ def test_no_filtering_work_without_a_gradient(monkeypatch):
     assert not calls
     lk.linear_logprobs(hidden, weight.requires_grad_(), targets, filter_eps=2.0**-10).sum().backward()
     assert calls == [1]
+
+
+def test_the_training_config_takes_loss_filter_eps():
+    """--loss_filter_eps / a config file's loss_filter_eps reach the LOGO loss; bad values name the field."""
+    from logo.config import TrainConfig, _convert
+    from logo.errors import ConfigError
+    from logo.train import make_loss
+
+    assert make_loss(TrainConfig().validate()).filter_eps is None
+    for value, expected in (("auto", "auto"), (2.0**-12, 2.0**-12), ("1e-3", 1e-3)):
+        config = TrainConfig(loss_filter_eps=_convert("loss_filter_eps", value)).validate()
+        assert make_loss(config).filter_eps == expected
+    for bad in ("0.5", "tiny", "-1e-3"):
+        with pytest.raises(ConfigError, match="config field 'loss_filter_eps'"):
+            TrainConfig(loss_filter_eps=bad).validate()

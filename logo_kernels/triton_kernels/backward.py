@@ -45,6 +45,14 @@ def _grad_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, target, ls
 
 
 @triton.jit
+def _tile_columns(v0, V, order_ptr, FILTER: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The walk positions [v0, v0 + BLOCK_V), their mask (< V) and their vocabulary ids (through the filter's order)."""
+    cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+    col_mask = cols < V
+    return cols, col_mask, vocab_ids(order_ptr, cols, col_mask, FILTER)
+
+
+@triton.jit
 def _row_coefficients(t_ptr, g_ptr, glse_ptr, gent_ptr, ent_ptr, lse_ptr, rows, row_mask, chain,
                       HAS_GLSE: tl.constexpr, HAS_ENT: tl.constexpr):
     """(target, lse, coef_t = g, coef_a = g_lse - g - g_H H, coef_c = -g_H), the coefficients times chain."""
@@ -78,9 +86,7 @@ def grad_hidden_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, glse_ptr, gen
         if FILTER:
             live = tile_is_live(live_ptr, rows, row_mask, v0, live_block, num_live_blocks, BLOCK_V)
         if live:
-            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-            col_mask = cols < V
-            ids = vocab_ids(order_ptr, cols, col_mask, FILTER)
+            cols, col_mask, ids = _tile_columns(v0, V, order_ptr, FILTER, BLOCK_V)
             dx = _grad_logits(h_ptr, w_ptr, b_ptr, rows, ids, row_mask, col_mask, target, lse, coef_t, coef_a,
                               coef_c, D, stride_h, stride_w, logit_scale, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP,
                               HAS_ENT, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_D)
@@ -100,9 +106,7 @@ def grad_weight_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, glse_ptr, gen
                        BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     v0 = pid * BLOCK_V
-    cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-    col_mask = cols < V
-    ids = vocab_ids(order_ptr, cols, col_mask, FILTER)  # the dW rows this program owns
+    cols, col_mask, ids = _tile_columns(v0, V, order_ptr, FILTER, BLOCK_V)  # ids: the dW rows this program owns
     db = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -154,9 +158,7 @@ def grad_fused_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, glse_ptr, gent
     if FILTER:
         live = tile_is_live(live_ptr, rows, row_mask, v0, live_block, num_live_blocks, BLOCK_V)
     if live:
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
-        ids = vocab_ids(order_ptr, cols, col_mask, FILTER)
+        cols, col_mask, ids = _tile_columns(v0, V, order_ptr, FILTER, BLOCK_V)
         target, lse, coef_t, coef_a, coef_c = _row_coefficients(t_ptr, g_ptr, glse_ptr, gent_ptr, ent_ptr, lse_ptr,
                                                                 rows, row_mask, logit_scale * inv_temp, HAS_GLSE,
                                                                 HAS_ENT)

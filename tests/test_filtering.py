@@ -22,7 +22,10 @@ import logo_kernels as lk  # noqa: E402
 from conftest import CPU_BACKENDS  # noqa: E402
 from logo_kernels._validation import MAX_FILTER_EPS, auto_filter_eps  # noqa: E402
 from logo_kernels.backends import FILTER_BLOCK, FILTER_MASS_FACTOR, Filter, mean_logit_order  # noqa: E402
-from reference import Result, assert_close_to_reference, materialized, transformed_logits  # noqa: E402
+from reference import assert_close_to_reference, materialized, transformed_logits  # noqa: E402
+from test_linear_logprobs import run_fused  # noqa: E402
+
+GRAD_OUTPUTS = ("logp", "lse", "entropy")  # the differentiable outputs: the objective's
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import lm_like  # noqa: E402
@@ -57,22 +60,6 @@ def upstream(n, seed, with_lse, with_entropy):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, generator=g), torch.randn(n, generator=g) if with_lse else None,
             torch.randn(n, generator=g) if with_entropy else None)
-
-
-def run_op(hidden, weight, bias, targets, grads, **kwargs):
-    """The op's (dH, dW, db) for the objective sum(g logp + g_lse lse + g_H entropy)."""
-    g, g_lse, g_ent = grads
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    b = None if bias is None else bias.clone().requires_grad_()
-    out = lk.linear_logprobs(h, w, targets, b, outputs=("logp", "lse", "entropy"), **kwargs)
-    objective = (out.logp * g).sum()
-    if g_lse is not None:
-        objective = objective + (out.lse * g_lse).sum()
-    if g_ent is not None:
-        objective = objective + (out.entropy * g_ent).sum()
-    objective.backward()
-    return h.grad, w.grad, None if b is None else b.grad
 
 
 def exact_logit_grads(hidden, weight, bias, targets, grads, transform, ignore_index=-100):
@@ -177,8 +164,9 @@ def test_each_backend_skips_exactly_what_the_rule_says(backend, case, small_trit
     keep = rule.keep(log_p, targets.index_select(0, kept), block, token_block)
     hypothesis.event(f"skipped share {1 - keep.double().mean().item():.1f}")
     truth = grads_of_masked(h, w, b, x, d_x, keep, case["n"], kept)
-    ours = run_op(hidden, weight, bias, targets, grads, backend=backend, filter_eps=case["eps"], **transform, **extra)
-    for name, mine, ref in zip(("d_hidden", "d_weight", "d_bias"), ours, truth):
+    ours = run_fused(hidden, weight, targets, bias, *grads[:2], grad_entropy=grads[2], backend=backend,
+                     outputs=GRAD_OUTPUTS, filter_eps=case["eps"], **transform, **extra)
+    for name, mine, ref in zip(("d_hidden", "d_weight", "d_bias"), (ours.d_hidden, ours.d_weight, ours.d_bias), truth):
         if ref is None:
             continue
         scale = 1.0 + ref.abs().max().item()
@@ -228,15 +216,16 @@ def test_filtered_gradients_stay_within_the_documented_bound(backend, case, smal
                          dtype=torch.float64, **transform)
     naive = materialized(hidden, weight, targets, bias, grad_logp=g, grad_lse=g_lse, grad_entropy=g_ent, dtype=None,
                          **transform)
-    ours = run_op(hidden, weight, bias, targets, grads, backend=backend, filter_eps=case["eps"], **transform, **extra)
+    ours = run_fused(hidden, weight, targets, bias, g, g_lse, grad_entropy=g_ent, backend=backend,
+                     outputs=GRAD_OUTPUTS, filter_eps=case["eps"], **transform, **extra)
     _, _, _, _, _, log_p, kept = exact_logit_grads(hidden, weight, bias, targets, grads, transform)
     chain = transform["logit_scale"] / transform["temperature"]
     bound_h, bound_w, bound_b = documented_bound(log_p, targets, grads, kept, hidden.index_select(0, kept),
                                                  weight.double(), eps, chain)
     eps32, eps_dtype = torch.finfo(torch.float32).eps, torch.finfo(case["dtype"]).eps
-    for name, mine, ref, slack, bound in (("d_hidden", ours[0], truth.d_hidden, naive.d_hidden, bound_h),
-                                          ("d_weight", ours[1], truth.d_weight, naive.d_weight, bound_w),
-                                          ("d_bias", ours[2], truth.d_bias, naive.d_bias, bound_b)):
+    for name, mine, ref, slack, bound in (("d_hidden", ours.d_hidden, truth.d_hidden, naive.d_hidden, bound_h),
+                                          ("d_weight", ours.d_weight, truth.d_weight, naive.d_weight, bound_w),
+                                          ("d_bias", ours.d_bias, truth.d_bias, naive.d_bias, bound_b)):
         if ref is None:
             continue
         ref_rows = ref if name != "d_hidden" else ref.index_select(0, kept)
@@ -289,9 +278,8 @@ def test_auto_keeps_half_precision_within_the_tolerance_rule(backend, inputs, dt
     truth = materialized(hidden, weight, targets, grad_logp=g, grad_lse=g_lse, grad_entropy=g_ent,
                          dtype=torch.float64)
     naive = materialized(hidden, weight, targets, grad_logp=g, grad_lse=g_lse, grad_entropy=g_ent, dtype=None)
-    d_h, d_w, _ = run_op(hidden, weight, None, targets, grads, backend=backend, filter_eps="auto", **extra)
-    out = lk.linear_logprobs(hidden, weight, targets, backend=backend, return_lse=True, **extra)
-    ours = Result(out[0], out[1], d_h, d_w, None)
+    ours = run_fused(hidden, weight, targets, None, g, g_lse, grad_entropy=g_ent, backend=backend, filter_eps="auto",
+                     outputs=GRAD_OUTPUTS, **extra)
     assert_close_to_reference(ours, truth, naive, dtype)
 
 
@@ -390,9 +378,9 @@ def test_a_flat_distribution_over_a_shared_mean_head_keeps_its_mass(backend, sma
         grads = upstream(n, 4, False, False)
         truth = materialized(hidden, weight, targets, grad_logp=grads[0], dtype=torch.float64)
         naive = materialized(hidden, weight, targets, grad_logp=grads[0], dtype=None)
-        d_h, d_w, _ = run_op(hidden, weight, None, targets, grads, backend=backend, filter_eps=eps, **extra)
-        assert_close_to_reference(Result(truth.logp, truth.lse, d_h, d_w, None), truth, naive, dtype,
-                                  names=("d_hidden", "d_weight"))
+        ours = run_fused(hidden, weight, targets, None, grads[0], backend=backend, filter_eps=eps,
+                         outputs=GRAD_OUTPUTS, **extra)
+        assert_close_to_reference(ours, truth, naive, dtype, names=("d_hidden", "d_weight"))
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])

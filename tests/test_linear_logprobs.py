@@ -30,15 +30,17 @@ ALL_OUTPUTS = ("logp", "lse", "entropy", "log_sum_sq_probs", "mean_logits", "is_
 
 
 def run_fused(hidden, weight, targets, bias, grad_logp, grad_lse=None, train_head=True, grad_entropy=None,
-              **kwargs) -> Result:
-    """Fused op with autograd, every output asked for; ``train_head=False`` freezes weight and bias (LoRA): their
-    grads are None. The objective is sum(g * logp + g_lse * lse + g_H * entropy)."""
+              outputs=ALL_OUTPUTS, **kwargs) -> Result:
+    """Fused op with autograd, every output asked for (or ``outputs``, which must hold logp, lse and entropy);
+    ``train_head=False`` freezes weight and bias (LoRA): their grads are None. The objective is
+    sum(g * logp + g_lse * lse + g_H * entropy)."""
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_(train_head)
     b = None if bias is None else bias.detach().clone().requires_grad_(train_head)
-    out = lk.linear_logprobs(h, w, targets, b, outputs=ALL_OUTPUTS, **kwargs)
-    assert out.logp.dtype == torch.float32 and out.lse.dtype == torch.float32 and out.is_top1.dtype == torch.bool
-    assert not (out.log_sum_sq_probs.requires_grad or out.mean_logits.requires_grad or out.is_top1.requires_grad)
+    out = lk.linear_logprobs(h, w, targets, b, outputs=outputs, **kwargs)
+    assert out.logp.dtype == torch.float32 and out.lse.dtype == torch.float32
+    assert out.is_top1 is None or out.is_top1.dtype == torch.bool
+    assert not any(x is not None and x.requires_grad for x in (out.log_sum_sq_probs, out.mean_logits, out.is_top1))
     objective = (out.logp * grad_logp).sum()
     if grad_lse is not None:
         objective = objective + (out.lse * grad_lse).sum()
@@ -48,7 +50,8 @@ def run_fused(hidden, weight, targets, bias, grad_logp, grad_lse=None, train_hea
     for grad, src in ((h.grad, hidden), (w.grad, weight), (None if b is None else b.grad, bias)):
         if grad is not None:
             assert grad.dtype == src.dtype, "gradients must come back in the input dtype"
-    stats = {name: getattr(out, name).detach() for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
+    stats = {name: getattr(out, name).detach() for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+             if getattr(out, name) is not None}
     return Result(out.logp.detach(), out.lse.detach(), h.grad, w.grad, None if b is None else b.grad, stats)
 
 

@@ -57,18 +57,19 @@ inline void grad_logits_tile(at::Tensor& x, const at::Tensor& a, const at::Tenso
 }  // namespace
 
 // The filtered backward (see the file comment): same results as the unfiltered one on every live pair.
-static void filtered_backward(const Coefficients& co, const at::Tensor& h32, const at::Tensor& w, const float* bias,
+static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, const at::Tensor& w, const float* bias,
                               const at::Tensor& target_pos, const LogitTransform& tf, const VocabOrder& order,
                               const at::Tensor& live, int64_t fb, int64_t bn, int64_t bv, int64_t slices, int64_t sb,
                               at::Tensor& dh32, at::Tensor& dw32, at::Tensor& db32) {
-  const int64_t n = h32.size(0);
-  const int64_t dim = h32.size(1);
+  const int64_t n = h_walk.size(0);
+  const int64_t dim = h_walk.size(1);
   const int64_t vocab = w.size(0);
   const int64_t num_blocks = live.size(1);      // filter blocks of fb ids
   const int64_t num_tiles = ceil_div(vocab, bv);  // walk tiles of bv ids (a multiple of fb)
   const bool need_hidden = dh32.defined(), need_weight = dw32.defined(), need_bias = db32.defined();
-  const auto f32 = h32.options().dtype(at::kFloat);
-  const auto i64 = h32.options().dtype(at::kLong);
+  const auto f32 = h_walk.options().dtype(at::kFloat);
+  const auto i64 = h_walk.options().dtype(at::kLong);
+  const TileMath math = h_walk.scalar_type() == at::kBFloat16 ? TileMath::kBf16Dot : TileMath::kFloat32;
   const bool* live_p = live.data_ptr<bool>();
   const int64_t* tpos = target_pos.data_ptr<int64_t>();
   const float* ct_all = co.t.data_ptr<float>();
@@ -82,6 +83,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
       const at::Tensor weights_buf = co.c.defined() ? at::empty({bn * bv}, f32) : at::Tensor();
       const at::Tensor rows_buf = at::empty({bn}, i64);
       const at::Tensor dw_tile = need_weight && order.defined() ? at::empty({bv, dim}, f32) : at::Tensor();
+      const at::Tensor dh_rows_buf = need_hidden ? at::empty({bn, dim}, f32) : at::Tensor();  // gathered rows' dH
       const at::Tensor db_tile = need_bias && order.defined() ? at::empty({bv}, f32) : at::Tensor();
       std::vector<float> bias_buf(bias != nullptr && order.defined() ? bv : 0);
       std::vector<int64_t> targets_at(bn);
@@ -100,7 +102,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
             }
             return false;
           };
-          at::Tensor wt;  // built at the first live token of the tile
+          WeightTile wt;  // loaded at the first live token of the tile
           const float* bt = nullptr;
           at::Tensor dw_acc = need_weight ? (order.defined() ? dw_tile.narrow(0, 0, cur_bv) : dw32.narrow(0, v0, cur_bv))
                                           : at::Tensor();
@@ -118,7 +120,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
             if (k == 0) break;
             if (!visited) {
               visited = true;
-              wt = weight_tile_fp32(w, v0, cur_bv, order).contiguous();
+              wt = WeightTile::load(w, v0, cur_bv, order, math, /*with_products=*/need_hidden);
               bt = bias_tile(bias, v0, cur_bv, order, bias_buf.data());
               if (order.defined()) {
                 if (need_weight) dw_acc.zero_();
@@ -132,7 +134,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
             const int64_t m = contiguous ? span : k;
             const int64_t first = rows[0];
             const at::Tensor idx = rows_buf.narrow(0, 0, k);
-            const at::Tensor h_rows = contiguous ? h32.narrow(0, first, m) : h32.index_select(0, idx);
+            const at::Tensor h_rows = contiguous ? h_walk.narrow(0, first, m) : h_walk.index_select(0, idx);
             auto pick = [&](const at::Tensor& v) {
               return !v.defined() ? at::Tensor() : contiguous ? v.narrow(0, first, m) : v.index_select(0, idx);
             };
@@ -164,12 +166,15 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h32, con
             if (need_hidden) {
               at::Tensor& acc = dh_partial[s];
               if (contiguous) {
-                acc.narrow(0, first - sb0, m).addmm_(x, wt);
+                at::Tensor rows_acc = acc.narrow(0, first - sb0, m);
+                wt.product(rows_acc, x, /*accumulate=*/true);
               } else {
-                acc.index_add_(0, idx - sb0, at::mm(x, wt));
+                at::Tensor rows_dh = dh_rows_buf.narrow(0, 0, m);
+                wt.product(rows_dh, x, /*accumulate=*/false);
+                acc.index_add_(0, idx - sb0, rows_dh);
               }
             }
-            if (need_weight) dw_acc.addmm_(x.t(), h_rows);
+            if (need_weight) add_weight_product(dw_acc, x, h_rows, math);
             if (need_bias) db_acc.add_(x.sum(0));
           }
           if (visited && order.defined()) {  // this slice alone owns these rows of dW / dBias
@@ -216,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   };
   if (n == 0 || !(need_hidden || need_weight || need_bias)) return finish();
 
-  const at::Tensor h32 = hidden.detach().to(at::kFloat).contiguous();
+  const at::Tensor h_walk = walk_hidden(hidden, tile_math(hidden, weight));
   const at::Tensor w = weight.detach().contiguous();
   const at::Tensor b32 = bias.has_value() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = b32.defined() ? b32.data_ptr<float>() : nullptr;
@@ -257,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
                 "live must be the forward's contiguous bool [N, ceil(V / filter_block)]");
     const VocabOrder order = VocabOrder::of(order_arg, vocab);
     const Coefficients co{coef_a, coef_c, coef_t, lse32};
-    filtered_backward(co, h32, w, bias_ptr, order.positions_of(targets), tf, order, live->contiguous(), fb, bn, bv,
+    filtered_backward(co, h_walk, w, bias_ptr, order.positions_of(targets), tf, order, live->contiguous(), fb, bn, bv,
                       slices, sb, dh32, dw32, db32);
     return finish();
   }
@@ -266,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> dh_partial(slices);
     walk_superblock(
-        h32, w, bias_ptr, tf, VocabOrder{}, sb0, nsb, bn, bv, slices, scratch_tiles, tf.has_softcap(),
+        h_walk, w, bias_ptr, tf, VocabOrder{}, sb0, nsb, bn, bv, slices, scratch_tiles, tf.has_softcap(), need_hidden,
         [&](int64_t s) {
           if (need_hidden) dh_partial[s] = s == 0 ? dh32.narrow(0, sb0, nsb) : at::zeros({nsb, dim}, f32);
         },
@@ -289,8 +294,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
             if (target >= t.v0 && target < t.v0 + t.cur_bv) xp[r * t.cur_bv + (target - t.v0)] += ct[t.n0 + r];
           }
           if (tf.has_softcap()) x.mul_(slope);
-          if (need_hidden) dh_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).addmm_(x, t.w_tile);
-          if (need_weight) dw32.narrow(0, t.v0, t.cur_bv).addmm_(x.t(), t.h_block);
+          if (need_hidden) {
+            at::Tensor acc = dh_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn);
+            t.w_tile.product(acc, x, /*accumulate=*/true);
+          }
+          if (need_weight) {
+            at::Tensor acc = dw32.narrow(0, t.v0, t.cur_bv);
+            add_weight_product(acc, x, t.h_block, t.w_tile.math);
+          }
           if (need_bias) db32.narrow(0, t.v0, t.cur_bv).add_(x.sum(0));
         });
     if (need_hidden) {

@@ -71,7 +71,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
   auto result = [&]() { return std::make_tuple(logp, lse, basis, entropy, log_sum_sq, mean_logits, is_top1, live); };
   if (n == 0) return result();
 
-  const at::Tensor h32 = hidden.detach().to(at::kFloat).contiguous();
+  const at::Tensor h_walk = walk_hidden(hidden, tile_math(hidden, weight));
   const at::Tensor w = weight.detach().contiguous();
   const at::Tensor b32 = bias.has_value() ? bias->detach().to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = b32.defined() ? b32.data_ptr<float>() : nullptr;
@@ -110,7 +110,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
     const at::Tensor tile_max = filter ? at::empty({nsb, num_tiles}, f32) : at::Tensor();
     const at::Tensor tile_lse = filter ? at::empty({nsb, num_tiles}, f32) : at::Tensor();
     walk_superblock(
-        h32, w, bias_ptr, tf, order, sb0, nsb, bn, bv, slices, scratch_tiles, need_slope,
+        h_walk, w, bias_ptr, tf, order, sb0, nsb, bn, bv, slices, scratch_tiles, need_slope, with_basis,
         [&](int64_t s) {
           if (with_basis) basis_partial[s] = at::zeros({nsb, dim}, f32);
         },
@@ -176,7 +176,8 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
           sum.mul_(rescale).add_(tile_sum);
           if (with_basis) {
             if (need_slope) e.mul_(slope);
-            basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1)).addmm_(e, t.w_tile);
+            at::Tensor acc = basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1));
+            t.w_tile.product(acc, e, /*accumulate=*/true);
           }
           m_old.copy_(m_new);
         });

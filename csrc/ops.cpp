@@ -2,6 +2,7 @@
 // torch.compile (with the fake kernels registered in Python) and TorchScript can all see them.
 #include <torch/library.h>
 
+#include "bf16_dot.h"
 #include "linear_logprobs.h"
 
 namespace logo_kernels {
@@ -43,6 +44,8 @@ TORCH_LIBRARY(logo_kernels, m) {
       "float softcap, int block_tokens, int block_vocab, bool need_hidden, bool need_weight, bool need_bias, "
       "int workspace_bytes, Tensor? live, int filter_block, Tensor? order) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // whether bf16 tiles multiply with vdpbf16ps here (csrc/bf16_dot.h), rather than converted to fp32
+  m.def("bf16_dot_enabled() -> bool", [] { return logo_kernels::bf16_dot::enabled(); });
 }
 
 TORCH_LIBRARY_IMPL(logo_kernels, CPU, m) {

@@ -17,6 +17,8 @@
 #include <optional>
 #include <vector>
 
+#include "bf16_dot.h"
+
 namespace logo_kernels {
 
 // OpenMP workers do not inherit the caller's autograd TLS: every parallel region of the kernels runs
@@ -91,11 +93,87 @@ struct VocabOrder {
   }
 };
 
-// W rows of the tile at [v0, v0 + bv) of the walk order, as an fp32 contiguous tile (a view when W is already
-// fp32 and the order is the identity).
-inline at::Tensor weight_tile_fp32(const at::Tensor& weight, int64_t v0, int64_t bv, const VocabOrder& order) {
-  at::Tensor tile = order.defined() ? weight.index_select(0, order.ids_tensor(v0, bv)) : weight.narrow(0, v0, bv);
-  return tile.scalar_type() == at::kFloat ? tile : tile.to(at::kFloat);
+// How a walk multiplies. kFloat32: fp32 tiles through ATen's sgemm (bf16 / fp16 operands converted). kBf16Dot, where
+// hidden and weight are both bf16 and bf16_dot::enabled(): the bf16 operands as they are (exact products, fp32 sums:
+// the logits keep the fp32 tiles' precision at twice their speed); the two products of the backward and the forward's
+// gradient basis multiply coefficient tiles rounded to bf16 — what every bf16 kernel does (naive autograd, Liger,
+// Cut-Cross-Entropy), within the project's tolerance rule (tests/test_linear_logprobs.py).
+enum class TileMath { kFloat32, kBf16Dot };
+
+inline TileMath tile_math(const at::Tensor& hidden, const at::Tensor& weight) {
+  return hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && bf16_dot::enabled()
+             ? TileMath::kBf16Dot
+             : TileMath::kFloat32;
+}
+
+// The hidden states as a walk reads them: fp32 contiguous, or the bf16 rows as they are (kBf16Dot).
+inline at::Tensor walk_hidden(const at::Tensor& hidden, TileMath math) {
+  return math == TileMath::kBf16Dot ? hidden.detach().contiguous() : hidden.detach().to(at::kFloat).contiguous();
+}
+
+// The W rows of the tile at [v0, v0 + bv) of the walk order (a gathered copy, or a view for the identity order) and
+// the products a walk makes with them.
+struct WeightTile {
+  TileMath math = TileMath::kFloat32;
+  at::Tensor rows;                 // [bv, D]: fp32 (kFloat32) or bf16 (kBf16Dot), contiguous
+  bf16_dot::PackedB transposed;    // kBf16Dot: W^T, for the logits
+  bf16_dot::PackedB plain;         // kBf16Dot: W, for coefficients @ W (packed when `with_products`)
+
+  static WeightTile load(const at::Tensor& weight, int64_t v0, int64_t bv, const VocabOrder& order, TileMath math,
+                         bool with_products) {
+    WeightTile t;
+    t.math = math;
+    at::Tensor tile = order.defined() ? weight.index_select(0, order.ids_tensor(v0, bv)) : weight.narrow(0, v0, bv);
+    if (math == TileMath::kFloat32) {
+      t.rows = (tile.scalar_type() == at::kFloat ? tile : tile.to(at::kFloat)).contiguous();
+      return t;
+    }
+    t.rows = tile.contiguous();
+    const int64_t dim = t.rows.size(1);
+    const auto* w = t.rows.data_ptr<at::BFloat16>();
+    bf16_dot::pack_b(t.transposed, w, dim, bv, /*k_stride=*/1, /*n_stride=*/dim);
+    if (with_products) bf16_dot::pack_b(t.plain, w, bv, dim, /*k_stride=*/dim, /*n_stride=*/1);
+    return t;
+  }
+
+  // out[m, bv] = h_rows[m, D] @ W^T; h_rows as walk_hidden gives them (rows contiguous), out fp32 contiguous.
+  void logits(at::Tensor& out, const at::Tensor& h_rows) const {
+    if (math == TileMath::kFloat32) {
+      at::mm_out(out, h_rows, rows.t());
+      return;
+    }
+    bf16_dot::gemm(h_rows.size(0), h_rows.data_ptr<at::BFloat16>(), h_rows.stride(0), 1, transposed,
+                   out.data_ptr<float>(), out.stride(0), /*accumulate=*/false);
+  }
+
+  // acc[m, D] (+)= coef[m, bv] @ W; acc fp32 with contiguous rows, coef fp32 contiguous.
+  void product(at::Tensor& acc, const at::Tensor& coef, bool accumulate) const {
+    if (math == TileMath::kFloat32) {
+      if (accumulate) {
+        acc.addmm_(coef, rows);
+      } else {
+        at::mm_out(acc, coef, rows);
+      }
+      return;
+    }
+    TORCH_CHECK(!plain.empty(), "WeightTile: products with W were not asked for at load");
+    bf16_dot::gemm(coef.size(0), coef.data_ptr<float>(), coef.stride(0), 1, plain, acc.data_ptr<float>(),
+                   acc.stride(0), accumulate);
+  }
+};
+
+// acc[bv, D] += coef[m, bv]^T @ h_rows[m, D] (the weight gradient of a tile); acc fp32 with contiguous rows, coef fp32
+// contiguous, h_rows as walk_hidden gives them.
+inline void add_weight_product(at::Tensor& acc, const at::Tensor& coef, const at::Tensor& h_rows, TileMath math) {
+  if (math == TileMath::kFloat32) {
+    acc.addmm_(coef.t(), h_rows);
+    return;
+  }
+  bf16_dot::PackedB hidden_pairs;
+  const int64_t m = h_rows.size(0), dim = h_rows.size(1);
+  bf16_dot::pack_b(hidden_pairs, h_rows.data_ptr<at::BFloat16>(), m, dim, h_rows.stride(0), 1);
+  bf16_dot::gemm(coef.size(1), coef.data_ptr<float>(), /*m_stride=*/1, /*k_stride=*/coef.stride(0), hidden_pairs,
+                 acc.data_ptr<float>(), acc.stride(0), /*accumulate=*/true);
 }
 
 // The bias values of the tile at [v0, v0 + bv) of the walk order: a pointer into the bias, or into `scratch`
@@ -108,13 +186,13 @@ inline const float* bias_tile(const float* bias, int64_t v0, int64_t bv, const V
   return scratch;
 }
 
-// out[bn, bv] = transform(h_block @ w_tile^T + bias_tile); h_block and w_tile fp32 contiguous, bias_tile [bv] or null. With a
+// out[bn, bv] = transform(h_block @ w_tile^T + bias_tile); h_block as walk_hidden gives it, bias_tile [bv] or null. With a
 // defined `slope` (same shape) and a softcap, also slope = 1 - tanh^2(u) = 1 / cosh^2(u) of the pre-cap value
 // u = logit_scale * z / softcap: exact where the cap saturates (1 - tanh^2 from the capped logit would cancel to
 // noise there), and cosh^2 overflowing to inf gives the right 0.
-inline void compute_logits_tile(at::Tensor& out, const at::Tensor& h_block, const at::Tensor& w_tile,
+inline void compute_logits_tile(at::Tensor& out, const at::Tensor& h_block, const WeightTile& w_tile,
                                 const float* bias, const LogitTransform& tf, at::Tensor* slope = nullptr) {
-  at::mm_out(out, h_block, w_tile.t());
+  w_tile.logits(out, h_block);
   const int64_t rows = out.size(0);
   const int64_t cols = out.size(1);
   float* x = out.data_ptr<float>();
@@ -147,14 +225,14 @@ inline void compute_logits_tile(at::Tensor& out, const at::Tensor& h_block, cons
 constexpr double kLogZeroFloor = -200.0;
 
 // One visited tile: its coordinates, the transformed logits tile [cur_bn, cur_bv] (the visitor may
-// overwrite it), the fp32 weight tile [cur_bv, D] and hidden block [cur_bn, D], and a scratch tile of
+// overwrite it), the weight tile [cur_bv, D] and hidden block [cur_bn, D] (walk_hidden's), and a scratch tile of
 // the logits' shape each (`scratch_tiles` of them: 0, 1 or 2) when the walk was asked for them; with
 // `slope_in_scratch` the first holds the softcap slope of the tile.
 struct TileVisit {
   int64_t slice, v0, cur_bv, n0, cur_bn;
   const int64_t* ids;  // the vocabulary ids of the tile's columns (order[v0:]), nullptr for the identity order
   at::Tensor& logits;
-  const at::Tensor& w_tile;
+  const WeightTile& w_tile;
   const at::Tensor& h_block;
   at::Tensor& scratch;
   at::Tensor& scratch2;
@@ -164,13 +242,17 @@ struct TileVisit {
 // vocabulary slices (at::parallel_for, below autograd); `on_slice(s)` runs first in the worker, then
 // `on_tile(TileVisit)` for each (vocabulary tile, token block) of the slice, vocabulary-tile-major.
 // Both passes walk identical tiles through this one function — same GEMM shapes — so the backward
-// recomputes the forward's logits bitwise (softmax(x - lse) is exact where it should be).
+// recomputes the forward's logits bitwise (softmax(x - lse) is exact where it should be). `with_products`: on_tile
+// multiplies coefficient tiles by the weight tile (WeightTile::product).
 template <typename OnSlice, typename OnTile>
-void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bias, const LogitTransform& tf,
+void walk_superblock(const at::Tensor& h_walk, const at::Tensor& w, const float* bias, const LogitTransform& tf,
                      const VocabOrder& order, int64_t sb0, int64_t nsb, int64_t bn, int64_t bv, int64_t slices,
-                     int scratch_tiles, bool slope_in_scratch, OnSlice&& on_slice, OnTile&& on_tile) {
+                     int scratch_tiles, bool slope_in_scratch, bool with_products, OnSlice&& on_slice,
+                     OnTile&& on_tile) {
   const int64_t vocab = w.size(0);
-  const auto f32 = h32.options().dtype(at::kFloat);
+  const auto f32 = h_walk.options().dtype(at::kFloat);
+  // walk_hidden keeps bf16 rows for kBf16Dot only
+  const TileMath math = h_walk.scalar_type() == at::kBFloat16 ? TileMath::kBf16Dot : TileMath::kFloat32;
   at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
     const BelowAutogradGuard below_autograd;
     const at::Tensor buf = at::empty({bn * bv}, f32);
@@ -182,11 +264,11 @@ void walk_superblock(const at::Tensor& h32, const at::Tensor& w, const float* bi
       const VocabSlice slice = vocab_slice(s, slices, vocab, bv);
       for (int64_t v0 = slice.begin; v0 < slice.end; v0 += bv) {
         const int64_t cur_bv = std::min(bv, slice.end - v0);
-        const at::Tensor wt = weight_tile_fp32(w, v0, cur_bv, order).contiguous();
+        const WeightTile wt = WeightTile::load(w, v0, cur_bv, order, math, with_products);
         const float* bt = bias_tile(bias, v0, cur_bv, order, bias_buf.data());
         for (int64_t n0 = sb0; n0 < sb0 + nsb; n0 += bn) {
           const int64_t cur_bn = std::min(bn, sb0 + nsb - n0);
-          const at::Tensor h_block = h32.narrow(0, n0, cur_bn);
+          const at::Tensor h_block = h_walk.narrow(0, n0, cur_bn);
           at::Tensor x = buf.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv});
           auto tile_of = [&](const at::Tensor& b) {
             return b.defined() ? b.narrow(0, 0, cur_bn * cur_bv).view({cur_bn, cur_bv}) : at::Tensor();

@@ -79,7 +79,9 @@ def report() -> Dict[str, object]:
         "auto picks": {"cpu": "cpp" if "cpp" in available_backends() else "torch",
                        "cuda": ("triton" if cuda and triton.is_available() else "torch") if cuda else None},
         "extension": {"path": spec.origin if spec else None,
-                      "built for torch": cpp.built_torch_version(spec.origin if spec else None)},
+                      "built for torch": cpp.built_torch_version(spec.origin if spec else None),
+                      "bf16 tiles": ("bf16 products (AVX512-BF16)" if cpp.bf16_dot_enabled() else
+                                     "converted to fp32" + ("" if cpp.is_available() else " (no extension)"))},
         "peers": {name: _installed(name) for name in PEERS},
         "trl integration": _integration_status("trl", TESTED_TRL_VERSIONS),
         "verl integration": _integration_status("verl", TESTED_VERL_VERSIONS),
@@ -108,6 +110,8 @@ def format_report(data: Dict[str, object]) -> str:
     ext = data["extension"]
     rows.append(("C++ extension", "not built" if ext["path"] is None else
                  f"{ext['path']} (built for torch {ext['built for torch'] or 'unknown: built before 0.2.0'})"))
+    if ext["path"] is not None:
+        rows.append(("cpp bf16 tiles", ext["bf16 tiles"]))
     rows += [(name, version or "-") for name, version in data["peers"].items()]
     for integration in ("trl integration", "verl integration"):
         if data.get(integration):

@@ -82,6 +82,16 @@ def unavailable_reason() -> Optional[str]:
     return _LOAD_ERROR
 
 
+#: Set to 0 to make bf16 tiles multiply in fp32 (converted) even where the CPU has AVX512-BF16.
+BF16_DOT_ENV = "LOGO_KERNELS_BF16_DOT"
+
+
+def bf16_dot_enabled() -> bool:
+    """Whether bf16 hidden states and heads multiply as bf16 here (vdpbf16ps: exact products, fp32 sums; csrc/bf16_dot.h)
+    rather than converted to fp32: the CPU has AVX512-BF16 and ``LOGO_KERNELS_BF16_DOT`` is not 0."""
+    return is_available() and bool(torch.ops.logo_kernels.bf16_dot_enabled())
+
+
 if is_available():
 
     @torch.library.register_fake("logo_kernels::linear_logprobs_fwd")

@@ -1,0 +1,94 @@
+"""The C++ backend's bf16 tiles on CPUs with AVX512-BF16 (csrc/bf16_dot.*): bf16 operands multiplied as they are
+(vdpbf16ps, fp32 sums) instead of converted to fp32 — against float64 (the tolerance rule), against the fp32-tile path
+(LOGO_KERNELS_BF16_DOT=0), over the shapes that break the micro-kernel: rows not a multiple of its 12, columns not a
+multiple of its 32, odd D (a half-filled last pair), D past its 512-wide chunk, N = V = D = 1."""
+import math
+
+import pytest
+import torch
+
+from logo_kernels.backends import cpp
+from reference import assert_close_to_reference, materialized
+from test_linear_logprobs import STATS, make_inputs, run_fused
+
+pytestmark = pytest.mark.skipif(not cpp.bf16_dot_enabled(),
+                                reason="needs the C++ extension on a CPU with AVX512-BF16 (and LOGO_KERNELS_BF16_DOT "
+                                       "not 0)")
+
+EVERYTHING = dict(temperature=1.3, softcap=6.0, logit_scale=2.5)
+SHAPES = [(1, 1, 1), (11, 31, 3), (13, 33, 513), (37, 700, 1030), (300, 1001, 64)]
+
+
+def _case(n, vocab, dim, seed=0):
+    hidden, weight, targets, bias, g = make_inputs(n, vocab, dim, dtype=torch.bfloat16, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return hidden, weight, targets, bias, g, torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+
+
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+@pytest.mark.parametrize("n,vocab,dim", SHAPES)
+def test_bf16_products_match_float64_and_the_fp32_tiles(monkeypatch, n, vocab, dim, head):
+    """Every output and gradient within the tolerance rule of fp64; the forward outputs within fp32 summation order
+    of the fp32-tile path (same exact products, other sums). A frozen head takes the gradient-basis path (products of
+    the probabilities with W in the forward)."""
+    hidden, weight, targets, bias, g, g_lse, g_ent = _case(n, vocab, dim)
+    kw = dict(grad_logp=g, grad_lse=g_lse, grad_entropy=g_ent, **EVERYTHING)
+    truth = materialized(hidden, weight, targets, bias, dtype=torch.float64, **kw)
+    naive = materialized(hidden, weight, targets, bias, dtype=None, **kw)
+    trainable = head == "trainable"
+    ours = run_fused(hidden, weight, targets, bias, g, g_lse, train_head=trainable, grad_entropy=g_ent, backend="cpp",
+                     **EVERYTHING)
+    names = ("logp", "lse", "d_hidden") + (("d_weight", "d_bias") if trainable else ()) + STATS
+    assert_close_to_reference(ours, truth, naive, torch.bfloat16, names=names)
+    monkeypatch.setenv(cpp.BF16_DOT_ENV, "0")
+    fp32_tiles = run_fused(hidden, weight, targets, bias, g, g_lse, train_head=trainable, grad_entropy=g_ent,
+                           backend="cpp", **EVERYTHING)
+    for name in ("logp", "lse"):
+        a, b = getattr(ours, name), getattr(fp32_tiles, name)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * (1 + b.abs().max().item()), msg=name)
+    torch.testing.assert_close(ours.stats["entropy"], fp32_tiles.stats["entropy"], rtol=1e-5, atol=1e-5)
+
+
+def test_switched_off_the_bf16_inputs_take_exactly_the_fp32_path(monkeypatch):
+    """LOGO_KERNELS_BF16_DOT=0: bf16 inputs give what their fp32 conversion gives (gradients rounded to bf16)."""
+    monkeypatch.setenv(cpp.BF16_DOT_ENV, "0")
+    assert not cpp.bf16_dot_enabled()
+    hidden, weight, targets, bias, g, _, _ = _case(40, 300, 20, seed=4)
+    half = run_fused(hidden, weight, targets, bias, g, backend="cpp")
+    full = run_fused(hidden.float(), weight.float(), targets, bias.float(), g, backend="cpp")
+    assert torch.equal(half.logp, full.logp) and torch.equal(half.lse, full.lse)
+    for name in ("d_hidden", "d_weight", "d_bias"):
+        assert torch.equal(getattr(half, name), getattr(full, name).bfloat16()), name
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_bf16_superblocks_and_the_filtered_walk_match_one_pass(filtered):
+    """A tiny workspace cuts the tokens into superblocks (the dH partials, the forward's basis); the filtered backward
+    over a shuffled order multiplies gathered rows (their dH scattered back) and dense runs (views)."""
+    n, vocab, dim = 300, 5000, 48
+    hidden, weight, targets, bias, g = make_inputs(n, vocab, dim, dtype=torch.bfloat16, ignore_frac=0.0, seed=15)
+    grad_lse, grad_entropy = torch.randn(n), torch.randn(n)
+    fwd, bwd = torch.ops.logo_kernels.linear_logprobs_fwd, torch.ops.logo_kernels.linear_logprobs_bwd
+    order = torch.randperm(vocab, generator=torch.Generator().manual_seed(3)) if filtered else None
+    results = []
+    for workspace in (1 << 30, 1):
+        outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, 7.0, 16, 512, not filtered, True, True, True, True,
+                      workspace, filtered, 128, math.log(2**-10), 16 * 2**-10, order)
+        live = outputs[7] if filtered else None
+        grads = bwd(g, grad_lse, grad_entropy, hidden, weight, bias, targets, outputs[1], outputs[3], 1.7, 0.8, 7.0,
+                    16, 256 if filtered else 512, True, True, True, workspace, live, 128, order)
+        results.append(tuple(outputs) + tuple(grads))
+    if filtered:
+        assert 0 < results[0][7].float().mean() < 1, "nothing (or everything) skipped: the test tests nothing"
+    names = ["logp", "lse", "basis", "entropy", "log_sum_sq", "mean", "top1", "live", "d_h", "d_w", "d_b"]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_report_names_the_bf16_tile_path(monkeypatch):
+    from logo_kernels.__main__ import format_report, report
+
+    line = next(line for line in format_report(report()).splitlines() if "cpp bf16 tiles" in line)
+    assert line.endswith("bf16 products (AVX512-BF16)")
+    monkeypatch.setenv(cpp.BF16_DOT_ENV, "0")
+    assert report()["extension"]["bf16 tiles"] == "converted to fp32"

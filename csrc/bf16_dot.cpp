@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
 #define LOGO_BF16_DOT 1
@@ -39,6 +40,24 @@ template <typename T>
 void pack_a_panel(const T* a, int64_t M, int64_t K, int64_t m_stride, int64_t k_stride, int64_t m0, int64_t i0,
                   int64_t kc, uint32_t* panel) {
   const int64_t rows = std::min(kRows, M - m0);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (k_stride == 1) {  // contiguous rows: a pair is one 32-bit word (the last one half-filled when K is odd)
+      const int64_t whole = std::min(kc, K / 2 - i0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = a + (m0 + r) * m_stride + 2 * i0;
+        for (int64_t i = 0; i < whole; ++i) {
+          uint32_t word;
+          std::memcpy(&word, row + 2 * i, sizeof(word));
+          panel[i * kRows + r] = word;
+        }
+        for (int64_t i = std::max<int64_t>(whole, 0); i < kc; ++i) panel[i * kRows + r] = pair(row[2 * i].x, 0);
+      }
+      for (int64_t r = rows; r < kRows; ++r) {
+        for (int64_t i = 0; i < kc; ++i) panel[i * kRows + r] = 0;
+      }
+      return;
+    }
+  }
   for (int64_t i = 0; i < kc; ++i) {
     const int64_t k = 2 * (i0 + i);
     uint32_t* out = panel + i * kRows;

@@ -60,13 +60,15 @@ inline void grad_logits_tile(at::Tensor& x, const at::Tensor& a, const at::Tenso
 static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, const at::Tensor& w, const float* bias,
                               const at::Tensor& target_pos, const LogitTransform& tf, const VocabOrder& order,
                               const at::Tensor& live, int64_t fb, int64_t bn, int64_t bv, int64_t slices, int64_t sb,
-                              at::Tensor& dh32, at::Tensor& dw32, at::Tensor& db32) {
+                              at::Tensor& dh32, at::Tensor& dw, at::Tensor& db32) {
   const int64_t n = h_walk.size(0);
   const int64_t dim = h_walk.size(1);
   const int64_t vocab = w.size(0);
   const int64_t num_blocks = live.size(1);      // filter blocks of fb ids
   const int64_t num_tiles = ceil_div(vocab, bv);  // walk tiles of bv ids (a multiple of fb)
-  const bool need_hidden = dh32.defined(), need_weight = dw32.defined(), need_bias = db32.defined();
+  const bool need_hidden = dh32.defined(), need_weight = dw.defined(), need_bias = db32.defined();
+  const bool dw_direct = need_weight && dw.scalar_type() != at::kFloat;  // see linear_logprobs_bwd_cpu
+  const bool dw_in_tiles = dw_direct || order.defined();
   const auto f32 = h_walk.options().dtype(at::kFloat);
   const auto i64 = h_walk.options().dtype(at::kLong);
   const TileMath math = h_walk.scalar_type() == at::kBFloat16 ? TileMath::kBf16Dot : TileMath::kFloat32;
@@ -82,8 +84,10 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, 
       const at::Tensor slope_buf = tf.has_softcap() ? at::empty({bn * bv}, f32) : at::Tensor();
       const at::Tensor weights_buf = co.c.defined() ? at::empty({bn * bv}, f32) : at::Tensor();
       const at::Tensor rows_buf = at::empty({bn}, i64);
-      const at::Tensor dw_tile = need_weight && order.defined() ? at::empty({bv, dim}, f32) : at::Tensor();
+      const at::Tensor dw_tile = need_weight && dw_in_tiles ? at::empty({bv, dim}, f32) : at::Tensor();
       const at::Tensor dh_rows_buf = need_hidden ? at::empty({bn, dim}, f32) : at::Tensor();  // gathered rows' dH
+      const at::Tensor buffer16 =
+          math == TileMath::kBf16Dot ? at::empty({bn * bv}, h_walk.options().dtype(at::kBFloat16)) : at::Tensor();
       const at::Tensor db_tile = need_bias && order.defined() ? at::empty({bv}, f32) : at::Tensor();
       std::vector<float> bias_buf(bias != nullptr && order.defined() ? bv : 0);
       std::vector<int64_t> targets_at(bn);
@@ -104,7 +108,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, 
           };
           WeightTile wt;  // loaded at the first live token of the tile
           const float* bt = nullptr;
-          at::Tensor dw_acc = need_weight ? (order.defined() ? dw_tile.narrow(0, 0, cur_bv) : dw32.narrow(0, v0, cur_bv))
+          at::Tensor dw_acc = need_weight ? (dw_in_tiles ? dw_tile.narrow(0, 0, cur_bv) : dw.narrow(0, v0, cur_bv))
                                           : at::Tensor();
           at::Tensor db_acc = need_bias ? (order.defined() ? db_tile.narrow(0, 0, cur_bv) : db32.narrow(0, v0, cur_bv))
                                         : at::Tensor();
@@ -122,10 +126,8 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, 
               visited = true;
               wt = WeightTile::load(w, v0, cur_bv, order, math, /*with_products=*/need_hidden);
               bt = bias_tile(bias, v0, cur_bv, order, bias_buf.data());
-              if (order.defined()) {
-                if (need_weight) dw_acc.zero_();
-                if (need_bias) db_acc.zero_();
-              }
+              if (need_weight && dw_in_tiles) dw_acc.zero_();
+              if (need_bias && order.defined()) db_acc.zero_();
             }
             // a dense run (at least half of a contiguous span of <= bn tokens live) is computed as that span, the
             // dead rows' gradient zeroed after: views of H and of dH instead of a gather and a scatter
@@ -163,24 +165,33 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, 
                 }
               }
             }
+            const at::Tensor coef = coefficient_operand(x, buffer16, math);
             if (need_hidden) {
               at::Tensor& acc = dh_partial[s];
               if (contiguous) {
                 at::Tensor rows_acc = acc.narrow(0, first - sb0, m);
-                wt.product(rows_acc, x, /*accumulate=*/true);
+                wt.product(rows_acc, coef, /*accumulate=*/true);
               } else {
                 at::Tensor rows_dh = dh_rows_buf.narrow(0, 0, m);
-                wt.product(rows_dh, x, /*accumulate=*/false);
+                wt.product(rows_dh, coef, /*accumulate=*/false);
                 acc.index_add_(0, idx - sb0, rows_dh);
               }
             }
-            if (need_weight) add_weight_product(dw_acc, x, h_rows, math);
+            if (need_weight) add_weight_product(dw_acc, coef, h_rows, math);
             if (need_bias) db_acc.add_(x.sum(0));
           }
-          if (visited && order.defined()) {  // this slice alone owns these rows of dW / dBias
-            const at::Tensor ids = order.ids_tensor(v0, cur_bv);
-            if (need_weight) dw32.index_add_(0, ids, dw_acc);
-            if (need_bias) db32.index_add_(0, ids, db_acc);
+          if (visited) {  // this slice alone owns these rows of dW / dBias
+            const at::Tensor ids = order.defined() ? order.ids_tensor(v0, cur_bv) : at::Tensor();
+            if (need_weight && dw_direct) {  // final: written once, in the weight's dtype
+              if (order.defined()) {
+                dw.index_copy_(0, ids, dw_acc.to(dw.scalar_type()));
+              } else {
+                dw.narrow(0, v0, cur_bv).copy_(dw_acc);
+              }
+            } else if (need_weight && order.defined()) {
+              dw.index_add_(0, ids, dw_acc);
+            }
+            if (need_bias && order.defined()) db32.index_add_(0, ids, db_acc);
           }
         }
       }
@@ -211,12 +222,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   TORCH_CHECK(!need_bias || bias.has_value(), "need_bias without a bias");
   auto f32 = hidden.options().dtype(at::kFloat);
 
+  const int64_t bn = std::min(block_tokens, n);
+  const int64_t bv = std::min(block_vocab, vocab);
+  const int64_t slices = num_vocab_slices(vocab, bv);
+  // Slice 0 accumulates dH straight into the output; the others need a [superblock, D] fp32 buffer each.
+  const int64_t dh_bytes_per_token = need_hidden ? (slices - 1) * dim * static_cast<int64_t>(sizeof(float)) : 0;
+  const int64_t sb = n > 0 ? superblock_tokens(n, dh_bytes_per_token, bn, workspace_bytes) : 0;
+
   at::Tensor dh32 = need_hidden ? at::zeros({n, dim}, f32) : at::Tensor();
-  at::Tensor dw32 = need_weight ? at::zeros({vocab, dim}, f32) : at::Tensor();
+  // dW: accumulated in fp32 over the token superblocks; with one superblock each tile's rows are final when the walk
+  // leaves the tile, and a half-precision head gets them written once, converted from a per-thread fp32 tile — no
+  // fp32 [V, D] buffer beside the gradient (2 GiB at V 128256, D 4096)
+  const bool dw_direct = need_weight && weight.scalar_type() != at::kFloat && sb >= n;
+  at::Tensor dw = need_weight ? at::zeros({vocab, dim}, dw_direct ? weight.options() : f32) : at::Tensor();
   at::Tensor db32 = need_bias ? at::zeros({vocab}, f32) : at::Tensor();
   auto finish = [&]() {
     return std::make_tuple(need_hidden ? dh32.to(hidden.scalar_type()) : at::empty({0}, hidden.options()),
-                           need_weight ? dw32.to(weight.scalar_type()) : at::empty({0}, weight.options()),
+                           need_weight ? dw.to(weight.scalar_type()) : at::empty({0}, weight.options()),
                            need_bias ? db32.to(bias->scalar_type()) : at::empty({0}, weight.options()));
   };
   if (n == 0 || !(need_hidden || need_weight || need_bias)) return finish();
@@ -245,12 +267,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
   const float* ct = coef_t.data_ptr<float>();
   const at::Tensor lse32 = lse.to(at::kFloat).contiguous();
 
-  const int64_t bn = std::min(block_tokens, n);
-  const int64_t bv = std::min(block_vocab, vocab);
-  const int64_t slices = num_vocab_slices(vocab, bv);
-  // Slice 0 accumulates dH straight into the output; the others need a [superblock, D] fp32 buffer each.
-  const int64_t dh_bytes_per_token = need_hidden ? (slices - 1) * dim * static_cast<int64_t>(sizeof(float)) : 0;
-  const int64_t sb = superblock_tokens(n, dh_bytes_per_token, bn, workspace_bytes);
   const int scratch_tiles = (tf.has_softcap() ? 1 : 0) + (with_entropy ? 1 : 0);
 
   TORCH_CHECK(live.has_value() || !order_arg.has_value(), "a vocabulary order is only used with filtering");
@@ -263,17 +279,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     const VocabOrder order = VocabOrder::of(order_arg, vocab);
     const Coefficients co{coef_a, coef_c, coef_t, lse32};
     filtered_backward(co, h_walk, w, bias_ptr, order.positions_of(targets), tf, order, live->contiguous(), fb, bn, bv,
-                      slices, sb, dh32, dw32, db32);
+                      slices, sb, dh32, dw, db32);
     return finish();
   }
 
   for (int64_t sb0 = 0; sb0 < n; sb0 += sb) {
     const int64_t nsb = std::min(sb, n - sb0);
     std::vector<at::Tensor> dh_partial(slices);
+    std::vector<at::Tensor> dw_tiles(slices);  // dw_direct: each slice's fp32 tile of dW rows
     walk_superblock(
         h_walk, w, bias_ptr, tf, VocabOrder{}, sb0, nsb, bn, bv, slices, scratch_tiles, tf.has_softcap(), need_hidden,
         [&](int64_t s) {
           if (need_hidden) dh_partial[s] = s == 0 ? dh32.narrow(0, sb0, nsb) : at::zeros({nsb, dim}, f32);
+          if (dw_direct) dw_tiles[s] = at::empty({bv, dim}, f32);
         },
         [&](const TileVisit& t) {
           at::Tensor& x = t.logits;
@@ -294,13 +312,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
             if (target >= t.v0 && target < t.v0 + t.cur_bv) xp[r * t.cur_bv + (target - t.v0)] += ct[t.n0 + r];
           }
           if (tf.has_softcap()) x.mul_(slope);
+          const at::Tensor coef = coefficient_operand(x, t.buffer16, t.math);
           if (need_hidden) {
             at::Tensor acc = dh_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn);
-            t.w_tile.product(acc, x, /*accumulate=*/true);
+            t.w_tile.product(acc, coef, /*accumulate=*/true);
           }
-          if (need_weight) {
-            at::Tensor acc = dw32.narrow(0, t.v0, t.cur_bv);
-            add_weight_product(acc, x, t.h_block, t.w_tile.math);
+          if (need_weight && dw_direct) {  // the tile's token blocks come in order: the last one finishes its rows
+            at::Tensor acc = dw_tiles[t.slice].narrow(0, 0, t.cur_bv);
+            if (t.n0 == sb0) acc.zero_();
+            add_weight_product(acc, coef, t.h_block, t.math);
+            if (t.n0 + t.cur_bn == sb0 + nsb) dw.narrow(0, t.v0, t.cur_bv).copy_(acc);
+          } else if (need_weight) {
+            at::Tensor acc = dw.narrow(0, t.v0, t.cur_bv);
+            add_weight_product(acc, coef, t.h_block, t.math);
           }
           if (need_bias) db32.narrow(0, t.v0, t.cur_bv).add_(x.sum(0));
         });

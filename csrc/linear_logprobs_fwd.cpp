@@ -177,7 +177,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
           if (with_basis) {
             if (need_slope) e.mul_(slope);
             at::Tensor acc = basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1));
-            t.w_tile.product(acc, e, /*accumulate=*/true);
+            t.w_tile.product(acc, coefficient_operand(e, t.buffer16, t.math), /*accumulate=*/true);
           }
           m_old.copy_(m_new);
         });

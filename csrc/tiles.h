@@ -146,7 +146,7 @@ struct WeightTile {
                    out.data_ptr<float>(), out.stride(0), /*accumulate=*/false);
   }
 
-  // acc[m, D] (+)= coef[m, bv] @ W; acc fp32 with contiguous rows, coef fp32 contiguous.
+  // acc[m, D] (+)= coef[m, bv] @ W; acc fp32 with contiguous rows, coef as coefficient_operand gives it.
   void product(at::Tensor& acc, const at::Tensor& coef, bool accumulate) const {
     if (math == TileMath::kFloat32) {
       if (accumulate) {
@@ -157,13 +157,22 @@ struct WeightTile {
       return;
     }
     TORCH_CHECK(!plain.empty(), "WeightTile: products with W were not asked for at load");
-    bf16_dot::gemm(coef.size(0), coef.data_ptr<float>(), coef.stride(0), 1, plain, acc.data_ptr<float>(),
+    bf16_dot::gemm(coef.size(0), coef.data_ptr<at::BFloat16>(), coef.stride(0), 1, plain, acc.data_ptr<float>(),
                    acc.stride(0), accumulate);
   }
 };
 
-// acc[bv, D] += coef[m, bv]^T @ h_rows[m, D] (the weight gradient of a tile); acc fp32 with contiguous rows, coef fp32
-// contiguous, h_rows as walk_hidden gives them.
+// A coefficient tile [m, bv] (fp32, contiguous) as the products read it: itself (kFloat32), or rounded to bf16 into
+// `buffer16` (kBf16Dot: [>= m * bv] bf16; one vectorised conversion serves both products of a visit).
+inline at::Tensor coefficient_operand(const at::Tensor& coef, const at::Tensor& buffer16, TileMath math) {
+  if (math == TileMath::kFloat32) return coef;
+  at::Tensor out = buffer16.narrow(0, 0, coef.numel()).view(coef.sizes());
+  out.copy_(coef);
+  return out;
+}
+
+// acc[bv, D] += coef[m, bv]^T @ h_rows[m, D] (the weight gradient of a tile); acc fp32 with contiguous rows, coef as
+// coefficient_operand gives it, h_rows as walk_hidden gives them.
 inline void add_weight_product(at::Tensor& acc, const at::Tensor& coef, const at::Tensor& h_rows, TileMath math) {
   if (math == TileMath::kFloat32) {
     acc.addmm_(coef.t(), h_rows);
@@ -172,7 +181,7 @@ inline void add_weight_product(at::Tensor& acc, const at::Tensor& coef, const at
   bf16_dot::PackedB hidden_pairs;
   const int64_t m = h_rows.size(0), dim = h_rows.size(1);
   bf16_dot::pack_b(hidden_pairs, h_rows.data_ptr<at::BFloat16>(), m, dim, h_rows.stride(0), 1);
-  bf16_dot::gemm(coef.size(1), coef.data_ptr<float>(), /*m_stride=*/1, /*k_stride=*/coef.stride(0), hidden_pairs,
+  bf16_dot::gemm(coef.size(1), coef.data_ptr<at::BFloat16>(), /*m_stride=*/1, /*k_stride=*/coef.stride(0), hidden_pairs,
                  acc.data_ptr<float>(), acc.stride(0), /*accumulate=*/true);
 }
 
@@ -236,6 +245,8 @@ struct TileVisit {
   const at::Tensor& h_block;
   at::Tensor& scratch;
   at::Tensor& scratch2;
+  const at::Tensor& buffer16;  // [>= cur_bn * cur_bv] bf16 for coefficient_operand (kBf16Dot)
+  TileMath math;
 };
 
 // The tile walk of both passes over the tokens [sb0, sb0 + nsb) of one superblock: workers own
@@ -258,6 +269,8 @@ void walk_superblock(const at::Tensor& h_walk, const at::Tensor& w, const float*
     const at::Tensor buf = at::empty({bn * bv}, f32);
     const at::Tensor scratch_buf = scratch_tiles >= 1 ? at::empty({bn * bv}, f32) : at::Tensor();
     const at::Tensor scratch2_buf = scratch_tiles >= 2 ? at::empty({bn * bv}, f32) : at::Tensor();
+    const at::Tensor buffer16 =
+        math == TileMath::kBf16Dot ? at::empty({bn * bv}, h_walk.options().dtype(at::kBFloat16)) : at::Tensor();
     std::vector<float> bias_buf(bias != nullptr && order.defined() ? bv : 0);
     for (int64_t s = s_begin; s < s_end; ++s) {
       on_slice(s);
@@ -276,7 +289,8 @@ void walk_superblock(const at::Tensor& h_walk, const at::Tensor& w, const float*
           at::Tensor scratch = tile_of(scratch_buf);
           at::Tensor scratch2 = tile_of(scratch2_buf);
           compute_logits_tile(x, h_block, wt, bt, tf, slope_in_scratch ? &scratch : nullptr);
-          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, order.ids(v0), x, wt, h_block, scratch, scratch2});
+          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, order.ids(v0), x, wt, h_block, scratch, scratch2, buffer16,
+                            math});
         }
       }
     }

@@ -21,7 +21,8 @@ entropy H, p = softmax(x) and log p = x - lse,
 Gradient filtering (:class:`Filter`, ``filter_eps``): the vocabulary, walked in ``Filter.order``, is cut into blocks;
 a (token, block) pair whose largest probability is below ``eps`` and which does not hold the token's target is
 skipped by the backward (its dL/dx taken as 0), the least probable first, as long as the token's skipped
-probability mass stays <= FILTER_MASS_FACTOR * eps (:func:`live_pairs`). The C++ and torch backends decide per (token, block of
+probability mass stays <= FILTER_MASS_FACTOR * eps, and a token that would keep at least FILTER_KEEP_ALL_SHARE of its
+blocks keeps them all (:func:`live_pairs`). The C++ and torch backends decide per (token, block of
 :data:`FILTER_BLOCK` rows); the Triton kernels per tile (a block of tokens x their BLOCK_V), skipping a tile only
 when every token of it may be skipped — never more than the per-token rule.
 """
@@ -81,6 +82,20 @@ FILTER_BLOCK = 128
 FILTER_MASS_FACTOR = 16
 
 
+#: A token that keeps at least this share of its blocks under the rule keeps them all: skipping the few others costs
+#: more (gathered rows, zeroed columns) than computing them, and a backward whose pairs are all live runs the exact
+#: walk. Logits without sparsity (Gaussian: the mass cap keeps 99.5 % of the pairs) then cost no backward overhead.
+FILTER_KEEP_ALL_SHARE = 0.9
+
+
+def keep_mostly_live_tokens(live: torch.Tensor) -> torch.Tensor:
+    """live [n, blocks] bool with every row that has at least FILTER_KEEP_ALL_SHARE of its blocks live made all live
+    (in place; returned)."""
+    if live.numel():
+        live[live.sum(dim=1) >= math.ceil(FILTER_KEEP_ALL_SHARE * live.shape[1])] = True
+    return live
+
+
 def live_pairs(tile_max: torch.Tensor, tile_lse: torch.Tensor, lse: torch.Tensor, target_tile: torch.Tensor,
                log_eps: float, max_mass: float) -> torch.Tensor:
     """The filter's decision, from each (token, block) pair's maximum logit and log-sum-exp [n, blocks] (fp32 or
@@ -89,7 +104,7 @@ def live_pairs(tile_max: torch.Tensor, tile_lse: torch.Tensor, lse: torch.Tensor
     A pair may be skipped when its largest probability is below eps (max - lse < log eps) and it does not hold
     the target; of those, each token skips the least probable pairs first while their summed probability stays
     <= ``max_mass`` (a stable sort: ties in block order). A flat distribution, whose tail is all of its mass,
-    therefore keeps nearly every pair."""
+    therefore keeps nearly every pair — and then all of them (:func:`keep_mostly_live_tokens`)."""
     n = tile_max.shape[0]
     log_p_max = tile_max - lse[:, None]
     dead = log_p_max < log_eps
@@ -97,7 +112,7 @@ def live_pairs(tile_max: torch.Tensor, tile_lse: torch.Tensor, lse: torch.Tensor
     mass = torch.where(dead, (tile_lse - lse[:, None]).exp(), float("inf"))
     sorted_mass, index = torch.sort(mass, dim=1, stable=True)
     skip = torch.zeros_like(dead).scatter_(1, index, sorted_mass.cumsum(dim=1) <= max_mass)
-    return ~skip
+    return keep_mostly_live_tokens(~skip)
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,8 @@ from typing import FrozenSet, Optional
 
 import torch
 
-from .base import FILTER_BLOCK, Filter, GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats
+from .base import (FILTER_BLOCK, Filter, GradsNeeded, Grads, KernelOptions, LogitTransform, RowStats,
+                   keep_mostly_live_tokens)
 
 #: Token rows per tile GEMM (``chunk_size`` overrides it). One size for both passes: the backward then
 #: recomputes bitwise the logits of the forward (same GEMM shapes), so softmax(x - lse) is exact where
@@ -24,7 +25,7 @@ DEFAULT_BLOCK_VOCAB = 512
 #: Vocabulary rows per tile of the filtered backward (a multiple of FILTER_BLOCK; its skipped pairs are zeroed).
 #: 128 / 256 / 512 measured at N 2048, V 128256 (fp32, 2 cores): 256 costs what the exact backward costs without
 #: sparsity (Gaussian inputs) and within 5 % of 128 on LM-like inputs.
-FILTERED_BACKWARD_TILE = 256
+FILTERED_BACKWARD_TILE = 128
 #: Budget of the per-thread fp32 [tokens, D] accumulators (dHidden in the backward, the gradient basis in
 #: the forward), in bytes.
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
@@ -154,15 +155,17 @@ class CppBackend:
             filtering.max_mass if filtering is not None else 0.0, filtering.order if filtering is not None else None,
         )
         pick = lambda x, name: x if name in stats else None  # noqa: E731
+        live = keep_mostly_live_tokens(live) if filtering is not None else None  # the rule's last step (base.py)
         return RowStats(logp, lse, basis if with_basis else None, pick(entropy, "entropy"),
                         pick(log_sum_sq, "log_sum_sq_probs"), pick(mean_logits, "mean_logits"),
-                        pick(is_top1, "is_top1"), live if filtering is not None else None)
+                        pick(is_top1, "is_top1"), live)
 
     def backward(self, grad_logp, grad_lse, grad_entropy, hidden, weight, bias, targets, lse, entropy,
                  transform: LogitTransform, options: KernelOptions, needed: GradsNeeded,
                  filtering: Optional[Filter] = None, live: Optional[torch.Tensor] = None) -> Grads:
         as_f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
-        filtering = filtering if live is not None else None
+        # nothing to skip: the exact walk (its wider tiles, no gathered rows) gives the same gradient
+        filtering = filtering if live is not None and not bool(live.all()) else None
         grads = torch.ops.logo_kernels.linear_logprobs_bwd(
             as_f32(grad_logp), as_f32(grad_lse), as_f32(grad_entropy), hidden, weight, bias, targets, lse,
             as_f32(entropy) if grad_entropy is not None else None, transform.logit_scale,

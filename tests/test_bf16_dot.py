@@ -1,9 +1,8 @@
 """The C++ backend's bf16 tiles on CPUs with AVX512-BF16 (csrc/bf16_dot.*): bf16 operands multiplied as they are
 (vdpbf16ps, fp32 sums) instead of converted to fp32 — against float64 (the tolerance rule), against the fp32-tile path
 (LOGO_KERNELS_BF16_DOT=0), over the shapes that break the micro-kernel: rows not a multiple of its 12, columns not a
-multiple of its 32, odd D (a half-filled last pair), D past its 512-wide chunk, N = V = D = 1."""
-import math
-
+multiple of its 32, odd D (a half-filled last pair), D past its 512-wide chunk, N = V = D = 1. Superblocks and the
+filtered walk at bf16: tests/test_linear_logprobs.py::test_cpp_superblocks_match_single_pass."""
 import pytest
 import torch
 
@@ -59,30 +58,6 @@ def test_switched_off_the_bf16_inputs_take_exactly_the_fp32_path(monkeypatch):
     assert torch.equal(half.logp, full.logp) and torch.equal(half.lse, full.lse)
     for name in ("d_hidden", "d_weight", "d_bias"):
         assert torch.equal(getattr(half, name), getattr(full, name).bfloat16()), name
-
-
-@pytest.mark.parametrize("filtered", [False, True])
-def test_bf16_superblocks_and_the_filtered_walk_match_one_pass(filtered):
-    """A tiny workspace cuts the tokens into superblocks (the dH partials, the forward's basis); the filtered backward
-    over a shuffled order multiplies gathered rows (their dH scattered back) and dense runs (views)."""
-    n, vocab, dim = 300, 5000, 48
-    hidden, weight, targets, bias, g = make_inputs(n, vocab, dim, dtype=torch.bfloat16, ignore_frac=0.0, seed=15)
-    grad_lse, grad_entropy = torch.randn(n), torch.randn(n)
-    fwd, bwd = torch.ops.logo_kernels.linear_logprobs_fwd, torch.ops.logo_kernels.linear_logprobs_bwd
-    order = torch.randperm(vocab, generator=torch.Generator().manual_seed(3)) if filtered else None
-    results = []
-    for workspace in (1 << 30, 1):
-        outputs = fwd(hidden, weight, bias, targets, 1.7, 0.8, 7.0, 16, 512, not filtered, True, True, True, True,
-                      workspace, filtered, 128, math.log(2**-10), 16 * 2**-10, order)
-        live = outputs[7] if filtered else None
-        grads = bwd(g, grad_lse, grad_entropy, hidden, weight, bias, targets, outputs[1], outputs[3], 1.7, 0.8, 7.0,
-                    16, 256 if filtered else 512, True, True, True, workspace, live, 128, order)
-        results.append(tuple(outputs) + tuple(grads))
-    if filtered:
-        assert 0 < results[0][7].float().mean() < 1, "nothing (or everything) skipped: the test tests nothing"
-    names = ["logp", "lse", "basis", "entropy", "log_sum_sq", "mean", "top1", "live", "d_h", "d_w", "d_b"]
-    for name, a, b in zip(names, *results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_the_report_names_the_bf16_tile_path(monkeypatch):

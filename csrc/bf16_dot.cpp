@@ -175,6 +175,7 @@ void pack_b(PackedB& out, const at::BFloat16* src, int64_t K, int64_t N, int64_t
   const int64_t pairs = (K + 1) / 2;
   out.k = K;
   out.n = N;
+  out.packed = true;
   out.words.resize(static_cast<size_t>(pairs * N));
   uint32_t* w = out.words.data();
   auto at_ = [&](int64_t k, int64_t n) { return k < K ? src[k * k_stride + n * n_stride].x : uint16_t{0}; };

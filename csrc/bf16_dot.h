@@ -29,7 +29,7 @@ bool enabled();
 struct PackedB {
   std::vector<uint32_t> words;  // [ceil(K / 2)][n]
   int64_t k = 0, n = 0;
-  bool empty() const { return words.empty(); }
+  bool packed = false;  // pack_b has filled it (words may still be empty: K or N = 0)
 };
 
 // B(k, n) = src[k * k_stride + n * n_stride], k < K, n < N.

@@ -156,7 +156,7 @@ struct WeightTile {
       }
       return;
     }
-    TORCH_CHECK(!plain.empty(), "WeightTile: products with W were not asked for at load");
+    TORCH_CHECK(plain.packed, "WeightTile: products with W were not asked for at load");
     bf16_dot::gemm(coef.size(0), coef.data_ptr<at::BFloat16>(), coef.stride(0), 1, plain, acc.data_ptr<float>(),
                    acc.stride(0), accumulate);
   }

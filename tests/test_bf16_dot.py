@@ -3,6 +3,8 @@
 (LOGO_KERNELS_BF16_DOT=0), over the shapes that break the micro-kernel: rows not a multiple of its 12, columns not a
 multiple of its 32, odd D (a half-filled last pair), D past its 512-wide chunk, N = V = D = 1. Superblocks and the
 filtered walk at bf16: tests/test_linear_logprobs.py::test_cpp_superblocks_match_single_pass."""
+import math
+
 import pytest
 import torch
 
@@ -58,6 +60,20 @@ def test_switched_off_the_bf16_inputs_take_exactly_the_fp32_path(monkeypatch):
     assert torch.equal(half.logp, full.logp) and torch.equal(half.lse, full.lse)
     for name in ("d_hidden", "d_weight", "d_bias"):
         assert torch.equal(getattr(half, name), getattr(full, name).bfloat16()), name
+
+
+def test_an_empty_hidden_dimension_gives_empty_sums():
+    """D = 0 at the raw ops (the Python entry refuses it earlier): the logits are 0 and the products with an empty
+    weight tile empty sums — an empty packed tile once read as 'not packed'."""
+    hidden, weight = torch.zeros(3, 0, dtype=torch.bfloat16), torch.zeros(5, 0, dtype=torch.bfloat16)
+    targets = torch.tensor([0, 1, 4])
+    out = torch.ops.logo_kernels.linear_logprobs_fwd(hidden, weight, None, targets, 1.0, 1.0, 0.0, 16, 512, True,
+                                                      False, False, False, False, 1 << 30, False, 128, 0.0, 0.0, None)
+    torch.testing.assert_close(out[0], torch.full((3,), -math.log(5.0)))
+    grads = torch.ops.logo_kernels.linear_logprobs_bwd(torch.ones(3), None, None, hidden, weight, None, targets, out[1],
+                                                       None, 1.0, 1.0, 0.0, 16, 512, True, True, False, 1 << 30, None,
+                                                       128, None)
+    assert grads[0].shape == (3, 0) and grads[1].shape == (5, 0)
 
 
 def test_the_report_names_the_bf16_tile_path(monkeypatch):

@@ -439,3 +439,35 @@ def test_the_training_config_takes_loss_filter_eps():
     for bad in ("0.5", "tiny", "-1e-3"):
         with pytest.raises(ConfigError, match="config field 'loss_filter_eps'"):
             TrainConfig(loss_filter_eps=bad).validate()
+
+
+def test_a_token_keeping_most_of_its_blocks_keeps_them_all():
+    """FILTER_KEEP_ALL_SHARE: after the rule each token keeps all of its blocks or fewer than 90 % of them — the
+    rule's function (every backend's) on drawn block statistics, and the mask the C++ forward returns at a vocabulary
+    of 24 blocks holding both kinds of tokens (LM-like rows and flat ones)."""
+    from logo_kernels.backends import live_pairs
+    from logo_kernels.backends.base import FILTER_KEEP_ALL_SHARE, KernelOptions, LogitTransform
+
+    def check(live):
+        share = live.float().mean(dim=1)
+        assert bool((share == 1).any()) and bool((share < 1).any()), "the case needs both kinds of tokens"
+        assert bool(((share == 1) | (share < FILTER_KEEP_ALL_SHARE)).all())
+
+    g = torch.Generator().manual_seed(0)
+    tile_max = torch.randn(200, 30, generator=g) * 6  # peaked rows: most blocks skippable
+    tile_lse = tile_max + torch.rand(200, 30, generator=g) * 3
+    tile_max[100:], tile_lse[100:] = -1.0, 0.0  # flat rows: every block above eps
+    tile_max[150:, :2], tile_lse[150:, :2] = -40.0, -39.0  # ... but two skippable ones: kept by the share
+    live = live_pairs(tile_max, tile_lse, torch.logsumexp(tile_lse, dim=1), torch.full((200,), 5), math.log(2.0**-12),
+                      16 * 2.0**-12)
+    check(live)
+    assert bool(live[150:].all())
+    if "cpp" not in lk.available_backends():
+        return
+    from logo_kernels.backends.cpp import CppBackend
+
+    hidden, weight, targets = lm_like_inputs(torch.float32, (64, 24 * FILTER_BLOCK, 32))
+    hidden[32:] = 0.0  # flat rows: every block holds the max probability 1 / V > eps
+    stats = CppBackend().forward(hidden, weight, None, targets, LogitTransform(), KernelOptions(),
+                                 filtering=Filter(2.0**-12, mean_logit_order(hidden, weight, None)))
+    check(stats.live)

@@ -23,8 +23,9 @@ DEFAULT_BLOCK_TOKENS = 512
 #: Vocabulary rows per tile GEMM.
 DEFAULT_BLOCK_VOCAB = 512
 #: Vocabulary rows per tile of the filtered backward (a multiple of FILTER_BLOCK; its skipped pairs are zeroed).
-#: 128 / 256 / 512 measured at N 2048, V 128256 (fp32, 2 cores): 256 costs what the exact backward costs without
-#: sparsity (Gaussian inputs) and within 5 % of 128 on LM-like inputs.
+#: 128 / 256 / 512 measured at N 2048, V 128256 (fp32, 2 cores, 2026-12-05): 256 cost what the exact backward costs
+#: on Gaussian inputs, 128 a little more there and up to 5 % less on LM-like ones. Since a backward with every pair
+#: live runs the exact walk (Gaussian inputs), 128: the published filtering figures (docs/filtering.md) use it.
 FILTERED_BACKWARD_TILE = 128
 #: Budget of the per-thread fp32 [tokens, D] accumulators (dHidden in the backward, the gradient basis in
 #: the forward), in bytes.

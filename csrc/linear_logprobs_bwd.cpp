@@ -71,7 +71,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, 
   const bool dw_in_tiles = dw_direct || order.defined();
   const auto f32 = h_walk.options().dtype(at::kFloat);
   const auto i64 = h_walk.options().dtype(at::kLong);
-  const TileMath math = h_walk.scalar_type() == at::kBFloat16 ? TileMath::kBf16Dot : TileMath::kFloat32;
+  const TileMath math = walk_math(h_walk);
   const bool* live_p = live.data_ptr<bool>();
   const int64_t* tpos = target_pos.data_ptr<int64_t>();
   const float* ct_all = co.t.data_ptr<float>();
@@ -312,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
             if (target >= t.v0 && target < t.v0 + t.cur_bv) xp[r * t.cur_bv + (target - t.v0)] += ct[t.n0 + r];
           }
           if (tf.has_softcap()) x.mul_(slope);
-          const at::Tensor coef = coefficient_operand(x, t.buffer16, t.math);
+          const at::Tensor coef = coefficient_operand(x, t.buffer16, t.w_tile.math);
           if (need_hidden) {
             at::Tensor acc = dh_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn);
             t.w_tile.product(acc, coef, /*accumulate=*/true);
@@ -320,11 +320,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
           if (need_weight && dw_direct) {  // the tile's token blocks come in order: the last one finishes its rows
             at::Tensor acc = dw_tiles[t.slice].narrow(0, 0, t.cur_bv);
             if (t.n0 == sb0) acc.zero_();
-            add_weight_product(acc, coef, t.h_block, t.math);
+            add_weight_product(acc, coef, t.h_block, t.w_tile.math);
             if (t.n0 + t.cur_bn == sb0 + nsb) dw.narrow(0, t.v0, t.cur_bv).copy_(acc);
           } else if (need_weight) {
             at::Tensor acc = dw.narrow(0, t.v0, t.cur_bv);
-            add_weight_product(acc, coef, t.h_block, t.math);
+            add_weight_product(acc, coef, t.h_block, t.w_tile.math);
           }
           if (need_bias) db32.narrow(0, t.v0, t.cur_bv).add_(x.sum(0));
         });

@@ -24,7 +24,8 @@
 // tile and the tile's log-sum-exp. Once the superblock's log-sum-exp is known it marks skippable the pairs whose
 // largest probability is below filter_eps and that do not hold the target, and skips them least probable first
 // while the token's skipped probability mass stays <= max_skipped_mass (logo_kernels/backends/base.py
-// live_pairs, the same ATen ops): live[t, b] for the backward.
+// live_pairs, the same ATen ops; its last step, keep_mostly_live_tokens, is applied by backends/cpp.py): live[t, b]
+// for the backward.
 #include "linear_logprobs.h"
 
 #include <limits>
@@ -177,7 +178,7 @@ linear_logprobs_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, cons
           if (with_basis) {
             if (need_slope) e.mul_(slope);
             at::Tensor acc = basis_partial[t.slice].narrow(0, t.n0 - sb0, t.cur_bn).mul_(rescale.unsqueeze(1));
-            t.w_tile.product(acc, coefficient_operand(e, t.buffer16, t.math), /*accumulate=*/true);
+            t.w_tile.product(acc, coefficient_operand(e, t.buffer16, t.w_tile.math), /*accumulate=*/true);
           }
           m_old.copy_(m_new);
         });

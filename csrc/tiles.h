@@ -111,6 +111,11 @@ inline at::Tensor walk_hidden(const at::Tensor& hidden, TileMath math) {
   return math == TileMath::kBf16Dot ? hidden.detach().contiguous() : hidden.detach().to(at::kFloat).contiguous();
 }
 
+// The math of a walk over walk_hidden's result (it keeps bf16 rows for kBf16Dot only).
+inline TileMath walk_math(const at::Tensor& h_walk) {
+  return h_walk.scalar_type() == at::kBFloat16 ? TileMath::kBf16Dot : TileMath::kFloat32;
+}
+
 // The W rows of the tile at [v0, v0 + bv) of the walk order (a gathered copy, or a view for the identity order) and
 // the products a walk makes with them.
 struct WeightTile {
@@ -246,7 +251,6 @@ struct TileVisit {
   at::Tensor& scratch;
   at::Tensor& scratch2;
   const at::Tensor& buffer16;  // [>= cur_bn * cur_bv] bf16 for coefficient_operand (kBf16Dot)
-  TileMath math;
 };
 
 // The tile walk of both passes over the tokens [sb0, sb0 + nsb) of one superblock: workers own
@@ -262,8 +266,7 @@ void walk_superblock(const at::Tensor& h_walk, const at::Tensor& w, const float*
                      OnTile&& on_tile) {
   const int64_t vocab = w.size(0);
   const auto f32 = h_walk.options().dtype(at::kFloat);
-  // walk_hidden keeps bf16 rows for kBf16Dot only
-  const TileMath math = h_walk.scalar_type() == at::kBFloat16 ? TileMath::kBf16Dot : TileMath::kFloat32;
+  const TileMath math = walk_math(h_walk);
   at::parallel_for(0, slices, 1, [&](int64_t s_begin, int64_t s_end) {
     const BelowAutogradGuard below_autograd;
     const at::Tensor buf = at::empty({bn * bv}, f32);
@@ -289,8 +292,7 @@ void walk_superblock(const at::Tensor& h_walk, const at::Tensor& w, const float*
           at::Tensor scratch = tile_of(scratch_buf);
           at::Tensor scratch2 = tile_of(scratch2_buf);
           compute_logits_tile(x, h_block, wt, bt, tf, slope_in_scratch ? &scratch : nullptr);
-          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, order.ids(v0), x, wt, h_block, scratch, scratch2, buffer16,
-                            math});
+          on_tile(TileVisit{s, v0, cur_bv, n0, cur_bn, order.ids(v0), x, wt, h_block, scratch, scratch2, buffer16});
         }
       }
     }

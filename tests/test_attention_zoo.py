@@ -152,8 +152,9 @@ def test_half_precision_error_is_that_of_the_same_dtype_eager_attention(dtype):
 def test_attention_memory_is_the_prefix_keys_in_key_value_heads_plus_one_chunk(chunked):
     """Traced fwd + bwd of one layer's attention at a long prefix: besides its outputs and gradients, the transient
     bytes are the prefix keys and values in key/value heads (their fp32 gradient accumulators) plus a few score
-    tensors of one query chunk (bounded by chunk_elements) — never the query heads' count of keys, never a copy of
-    the prefix keys per response, never [L, L] scores."""
+    tensors of one query chunk (bounded by chunk_elements; on the flash path one backward call's three gradient
+    parts) — never the query heads' count of keys, never a copy of the prefix keys per response, never [L, L]
+    scores."""
     heads, kv_heads, d, prefix, response, m = 8, 2, 16, 4096, 64, 3
     length = prefix + m * response
     layouts = [pack_rows([torch.zeros(prefix, dtype=torch.long)],
@@ -167,9 +168,10 @@ def test_attention_memory_is_the_prefix_keys_in_key_value_heads_plus_one_chunk(c
     # test's own product with the upstream gradient, its gradient slices and dq; dk, dv
     outputs = 6 * q.numel() * 4 + 2 * k.numel() * 4
     chunk_scores = 8 * chunked * 4  # the live [Hkv, G*C, K] fp32 tensors of a chunk (s, p, dp, ds, ...)
+    flash_parts = 3 * chunked * 4  # one folded flash backward call's dQ, dK, dV parts (logo.attention.merged)
     expanded = 2 * heads * prefix * d * 4  # one copy of the prefix keys/values expanded to the query heads
     module = build("llama").model.layers[0].self_attn
-    for softcap in (None, 2.0):  # the flash prefix path and the all-exact path
+    for softcap, per_chunk in ((None, flash_parts), (2.0, chunk_scores)):  # the flash prefix path, the exact path
         trace = LiveTensorBytes()
         trace.track([q, k, v, upstream])
         inputs = trace.live_bytes
@@ -178,7 +180,7 @@ def test_attention_memory_is_the_prefix_keys_in_key_value_heads_plus_one_chunk(c
                                                        shared_prefix_layouts=layouts)
             torch.autograd.grad((out * upstream).sum(), [q, k, v])
         transient = trace.peak - inputs - outputs
-        assert transient <= kv_prefix + chunk_scores, (softcap, transient, kv_prefix, chunk_scores)
+        assert transient <= kv_prefix + per_chunk, (softcap, transient, kv_prefix, per_chunk)
         assert transient < expanded, (softcap, transient, expanded)
 
 
@@ -202,6 +204,23 @@ def test_dropout_in_training_is_refused():
     q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
     with pytest.raises(ValueError, match="attention dropout 0.1 in training is not supported"):
         attention.shared_prefix_attention(module, q, k, k, None, dropout=0.1)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ((0, (3,)), "needs a prefix and responses of at least one token each"),
+    ((2, ()), "needs a prefix and responses of at least one token each"),
+    ((2, (3, 0)), "needs a prefix and responses of at least one token each"),
+    ((2, (3, 2)), r"is longer than the row \(6 tokens\)"),
+])
+def test_layouts_without_a_prefix_or_a_response_token_or_too_long_are_refused(layout, message):
+    """A hand-built layout the attention cannot run is a ValueError naming the row — CPU flash with no keys or no
+    queries would kill the process (SIGFPE)."""
+    from logo.data.packing import RowLayout
+
+    module = build("llama").model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="row 0: layout .*" + message):
+        attention.shared_prefix_attention(module, q, k, k, None, shared_prefix_layouts=[RowLayout(*layout)])
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "mistral-sliding"])
@@ -262,8 +281,9 @@ def test_segments_of_a_row_by_hand():
         Segment(5, 6, 3, (KeyBlock(0, 3, 0), KeyBlock(5, 6, 3)))]
 
 
+@pytest.mark.parametrize("key_block", [4, 4096], ids=["key-blocks-of-4", "one-key-block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_flash_merge_of_responses_is_exact(dtype):
+def test_cpu_flash_merge_of_responses_is_exact(dtype, key_block):
     """Plain layers on CPU: each response = flash over the prefix + flash over itself, merged by log-sum-exp, and
     flash's backward per key block with the merged output (logo.attention.merged) — against fp64, forward and
     gradients, GQA; bf16 within the same-dtype materialised computation's error + a small tolerance."""
@@ -275,7 +295,7 @@ def test_cpu_flash_merge_of_responses_is_exact(dtype):
     q, k, v = (torch.randn(1, h, length, d, generator=g).to(dtype).requires_grad_() for h in (heads, kv, kv))
     upstream = torch.randn(heads, sum(lengths), d, generator=g)
     segments = attention._row_segments(prefix, lengths, False)
-    ours = responses_over_prefix(q, k, v, prefix, lengths, 0.3)[0]
+    ours = responses_over_prefix(q, k, v, prefix, lengths, 0.3, key_block)[0]
     our_grads = torch.autograd.grad((ours.float() * upstream).sum(), [q, k, v])
     errors = {}
     for name, ref_dtype in (("fp64", torch.float64), ("naive", dtype)):
@@ -288,3 +308,69 @@ def test_cpu_flash_merge_of_responses_is_exact(dtype):
     assert (ours.double() - ref).abs().max() <= (naive.double() - ref).abs().max() + tol
     for mine, exact, materialised in zip(our_grads, ref_grads, naive_grads):
         assert (mine.double() - exact.double()).abs().max() <= (materialised.double() - exact.double()).abs().max() + tol
+
+
+@hsettings(max_examples=30, deadline=None)
+@given(prefix=st.integers(1, 40), responses=st.lists(st.integers(1, 12), min_size=1, max_size=3),
+       kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]), key_block=st.integers(1, 45),
+       seed=st.integers(0, 2 ** 16))
+def test_cpu_flash_prefix_and_responses_match_fp64_with_folded_key_blocks(prefix, responses, kv_heads, groups,
+                                                                         key_block, seed):
+    """The CPU flash path of a plain layer (logo.attention.merged): the causal prefix in one flash call, the
+    responses merged over it, and the backward with each query group folded into the batch and the keys walked in
+    blocks of any size (a block's diagonal causal, the queries past it plain, the partial last block) — forward and
+    every gradient against a float64 materialised reference, by the tolerance rule (fp32) with the small tolerance
+    relative to the gradient's size: flash's probabilities exp(s - lse) carry ~1e-6 relative error of their own (the
+    same in one call over all keys), which the materialised softmax does not."""
+    from logo.attention.merged import causal_prefix, responses_over_prefix
+
+    g = torch.Generator().manual_seed(seed)
+    heads, d = kv_heads * groups, 8
+    length = prefix + sum(responses)
+    q = (torch.randn(1, heads, length, d, generator=g) * 2).requires_grad_()
+    k = (torch.randn(1, kv_heads, length, d, generator=g) * 2).requires_grad_()
+    v = torch.randn(1, kv_heads, length, d, generator=g).requires_grad_()
+    upstream = torch.randn(heads, length, d, generator=g)
+    head = causal_prefix(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], 0.4, key_block)
+    tail = responses_over_prefix(q, k, v, prefix, responses, 0.4, key_block)
+    ours = torch.cat([head, tail], 2)[0]
+    our_grads = torch.autograd.grad((ours * upstream).sum(), [q, k, v])
+    segments = attention._row_segments(prefix, responses, True)
+    ref = dense_reference(q[0], k[0], v[0], segments, 0.4, None, None, None)
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [q, k, v])
+    naive = dense_reference(q[0], k[0], v[0], segments, 0.4, None, None, None, torch.float32)
+    naive_grads = torch.autograd.grad((naive * upstream).sum(), [q, k, v])
+    assert (ours.double() - ref).abs().max() <= (naive.double() - ref).abs().max() + 1e-5
+    for ours_g, ref_g, naive_g in zip(our_grads, ref_grads, naive_grads):
+        tol = 1e-5 * max(1.0, float(ref_g.abs().max()))
+        assert (ours_g.double() - ref_g).abs().max() <= (naive_g.double() - ref_g).abs().max() + tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_flash_path_at_production_block_sizes_in_every_dtype(dtype):
+    """The CPU flash path where production runs it: a 1100-token prefix (past flash's own 512-key split) in 256-key
+    backward blocks (the smallest key_block_for gives) and 256-row chunks, a response longer than a block, 4 / 1
+    heads — forward and gradients against float64 by the tolerance rule, in fp32, bf16 and fp16."""
+    from logo.attention.merged import causal_prefix, key_block_for, responses_over_prefix
+
+    g = torch.Generator().manual_seed(1)
+    heads, kv, d, prefix, lengths = 4, 1, 16, 1100, (300, 7)
+    length = prefix + sum(lengths)
+    q, k, v = (torch.randn(1, h, length, d, generator=g).to(dtype).requires_grad_() for h in (heads, kv, kv))
+    key_block = key_block_for(q, 1)
+    assert key_block == 256
+    upstream = torch.randn(heads, length, d, generator=g)
+    head = causal_prefix(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], 0.25, key_block)
+    ours = torch.cat([head, responses_over_prefix(q, k, v, prefix, lengths, 0.25, key_block)], 2)[0]
+    our_grads = torch.autograd.grad((ours.float() * upstream).sum(), [q, k, v])
+    segments = attention._row_segments(prefix, lengths, True)
+    results = {}
+    for ref_dtype in (torch.float64, dtype):
+        ref = dense_reference(q[0], k[0], v[0], segments, 0.25, None, None, None, ref_dtype)
+        results[ref_dtype] = ref, torch.autograd.grad((ref.double() * upstream.double()).sum(), [q, k, v])
+    (ref, ref_grads), (naive, naive_grads) = results[torch.float64], results[dtype]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (ours.double() - ref).abs().max() <= (naive.double() - ref).abs().max() + tol
+    for mine, exact, materialised in zip(our_grads, ref_grads, naive_grads):
+        scale = max(1.0, float(exact.abs().max()))
+        assert (mine.double() - exact).abs().max() <= (materialised.double() - exact).abs().max() + tol * scale

@@ -9,8 +9,9 @@ key/value heads (:mod:`logo.attention.features` reads them, or refuses what it c
 Paths (``backend``):
 
 * ``exact`` (the default everywhere): the prefix of a plain layer (no softcap, no sinks, no window shorter
-  than the row) is one ``scaled_dot_product_attention`` call with ``enable_gqa`` (flash on CPU and CUDA), and on
-  CPU its responses are two flash calls each, merged exactly (:mod:`logo.attention.merged`); otherwise the
+  than the row) is one flash call — on CPU :func:`logo.attention.merged.causal_prefix` (its backward folds query
+  groups into the batch), on CUDA ``scaled_dot_product_attention`` with ``enable_gqa`` — and on CPU its responses
+  are two flash calls each, merged exactly (:mod:`logo.attention.merged`); otherwise the
   responses — and the whole row of any other layer — run :func:`logo.attention.exact.segment_attention`:
   queries in chunks of bounded scores, the prefix keys read in place (no per-response copy, no key/value head
   expanded to the query heads), recomputed in the backward.
@@ -90,6 +91,12 @@ def packed_attention(query, key, value, layouts, features: AttentionFeatures, mo
     rows, _, length, _ = query.shape
     if len(layouts) != rows:
         raise ValueError(f"{len(layouts)} layouts for {rows} rows")
+    for r, layout in enumerate(layouts):
+        p, lengths = layout.prefix_length, layout.response_lengths
+        if p < 1 or not lengths or min(lengths) < 1:
+            raise ValueError(f"row {r}: layout {layout} needs a prefix and responses of at least one token each")
+        if p + sum(lengths) > length:
+            raise ValueError(f"row {r}: layout {layout} is longer than the row ({length} tokens)")
     if settings.backend == "flex" and features.sinks is None:
         from .flex import flex_packed_attention
 
@@ -97,18 +104,20 @@ def packed_attention(query, key, value, layouts, features: AttentionFeatures, mo
     outputs = []
     for r, layout in enumerate(layouts):
         p, lengths = layout.prefix_length, layout.response_lengths
-        if p + sum(lengths) > length:
-            raise ValueError(f"row {r}: layout {layout} is longer than the row ({length} tokens)")
         window = features.effective_window(p + max(lengths))
-        # transformers hands over [heads, L, d] views of [L, heads, d] projections; CPU flash with grouped key/value
-        # heads runs its backward ~1.25x slower on those strides (8K tokens, 4 / 1 heads) than on contiguous rows.
-        # The copies replace the views (nothing else keeps them), in key/value heads: no head is expanded.
+        # transformers hands over [heads, L, d] views of [L, heads, d] projections; contiguous copies replace them
+        # (nothing else keeps the views; key/value heads: no head is expanded), the rows the exact path's chunked
+        # matmuls were tuned on. (The flash path measured the same on the views: 8K llama step, fp32.)
         q, k, v = query[r].contiguous(), key[r].contiguous(), value[r].contiguous()
         if features.plain and window is None:  # the prefix in one flash call; responses see it in place
-            head = _sdpa_causal(q[None, :, :p], k[None, :, :p], v[None, :, :p], features.scale)[0]
             if merged.supported(q):
-                tail = merged.responses_over_prefix(q[None], k[None], v[None], p, lengths, features.scale)[0]
+                key_block = merged.key_block_for(q[None], settings.chunk_elements)
+                head = merged.causal_prefix(q[None, :, :p], k[None, :, :p], v[None, :, :p], features.scale,
+                                            key_block)[0]
+                tail = merged.responses_over_prefix(q[None], k[None], v[None], p, lengths, features.scale,
+                                                    key_block)[0]
             else:
+                head = _sdpa_causal(q[None, :, :p], k[None, :, :p], v[None, :, :p], features.scale)[0]
                 tail = _exact(q, k, v, _row_segments(p, lengths, False), features, None)
             parts = [head, tail]
         else:

@@ -7,6 +7,11 @@ Methods (fp32, full fine-tuning, a Llama built from a config; one process per me
             (+ lambda SFT; bugs L1-L3 fixed)
   ours      one shared-prefix packed row [context | response_0 | ... | response_M] (logo.data.packing +
             the logo_shared_prefix attention) and the fused LOGO loss on the response tokens only
+  previous_attention  (not in the default sweep) ``ours`` with the shared-prefix attention of commit 897ba98, the
+            last before the attention became exact on every family: one SDPA call per segment over keys and values
+            expanded to the query heads and concatenated per response. Read from the git history; the yardstick
+            for "the full-attention step is not slower than before":
+            --methods ours previous_attention --contexts 8192 --negatives 2 --vocabs 32000 --rounds 3
 Each example: a context of C tokens (question included) and M + 1 responses of R tokens.
 
     python bench/bench_step.py --quick    # C in {1024, 8192}, M = 2, V = 32000
@@ -15,6 +20,7 @@ Each example: a context of C tokens (question included) and M + 1 responses of R
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -22,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 METHODS = ["authors", "ours"]
+EXTRA_METHODS = ["previous_attention"]
+PREVIOUS_ATTENTION_COMMIT = "897ba98"
 BETA, GAMMA, SFT_WEIGHT = 10.0, 3.0, 0.1
 
 
@@ -32,6 +40,27 @@ FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
                                                                  final_logit_softcapping=30.0, head_dim=64,
                                                                  query_pre_attn_scalar=64)),
             "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4096))}
+
+
+@functools.lru_cache(maxsize=None)
+def previous_attention():
+    """The ``shared_prefix_attention`` function of logo/attention.py at PREVIOUS_ATTENTION_COMMIT (git history);
+    RuntimeError with git's message where it is not readable (no git, a shallow clone)."""
+    import subprocess
+    import types
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        shown = subprocess.run(["git", "-C", repo, "show", f"{PREVIOUS_ATTENTION_COMMIT}:logo/attention.py"],
+                               capture_output=True, text=True)
+    except OSError as error:
+        raise RuntimeError(f"git: {error}") from None
+    if shown.returncode:
+        raise RuntimeError(shown.stderr.strip() or f"git show exited {shown.returncode}")
+    source = shown.stdout
+    module = types.ModuleType("logo_attention_" + PREVIOUS_ATTENTION_COMMIT)
+    exec(compile(source, f"{PREVIOUS_ATTENTION_COMMIT}:logo/attention.py", "exec"), module.__dict__)
+    return module.shared_prefix_attention
 
 
 def tiny_llama(vocab: int, dim: int, layers: int, max_positions: int, intermediate: int = None,
@@ -81,13 +110,17 @@ def build_step(method: str, context: int, response: int, negatives: int, vocab: 
             means = token.sum(1) / mask.sum(1)                                         # [M+1]
             z = BETA * (means[0] - means[1:].mean()) - GAMMA
             return -F.logsigmoid(z) - SFT_WEIGHT * means[0]
-    elif method == "ours":
+    elif method in ("ours", "previous_attention"):
         import logo_kernels as lk
         from logo.data.packing import pack_rows
-        from logo.attention import enable_shared_prefix_attention
+        from logo.attention import ATTENTION_NAME, enable_shared_prefix_attention
         from logo.objective import packed_logo_loss
 
         enable_shared_prefix_attention(model)
+        if method == "previous_attention":
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(ATTENTION_NAME, previous_attention())
         batch = pack_rows([prompt.cpu()], [[a.cpu() for a in answers]]).to(device)
         loss_fn = lk.LogoLoss(num_negatives=negatives, beta=BETA, gamma=GAMMA, sft_weight=SFT_WEIGHT)
 
@@ -115,10 +148,17 @@ def measure(case: dict) -> dict:
 
 
 def skip_reason(method: str, context: int, response: int, negatives: int, vocab: int, device: str = "cpu",
-                dtype: str = "fp32") -> str | None:
+                dtype: str = "fp32", family: str = "llama") -> str | None:
     import torch
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    if method == "previous_attention" and family != "llama":
+        return f"the previous attention dropped {family}'s attention features (wrong log-probs): llama only"
+    if method == "previous_attention":
+        try:
+            previous_attention()
+        except RuntimeError as error:  # no git, or a checkout without that history
+            return f"the attention of commit {PREVIOUS_ATTENTION_COMMIT} is not readable from git here ({error})"
     tokens = (negatives + 1) * (context + response) if method == "authors" else 0
     width = 2 if dtype == "bf16" else 4
     need = tokens * vocab * (width + 4 + 4 + 4)  # logits, fp32 copy, log_softmax, its gradient
@@ -133,7 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--response", type=int, default=512, help="tokens per response")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS)
     parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x dim)")
     parser.add_argument("--family", default="llama", choices=sorted(FAMILIES),
                         help="the decoder's attention: llama (full), gemma2 (softcap + sliding), mistral-sliding")
@@ -163,14 +203,17 @@ def main(argv=None) -> None:
                                 repeats=args.repeats, device=args.device, dtype=args.dtype,
                                 checkpointing=args.checkpointing, intermediate=args.intermediate,
                                 family=args.family)
-                    reason = skip_reason(method, context, args.response, negatives, vocab, args.device, args.dtype)
+                    reason = skip_reason(method, context, args.response, negatives, vocab, args.device, args.dtype,
+                                         args.family)
                     if reason:
                         case["skip"] = reason
                     cases.append(case)
     rows = harness.run_cases(os.path.abspath(__file__), cases, args.out + ".csv", timeout_s=args.timeout,
                               rounds=args.rounds)
-    harness.add_relative(rows, ("context", "negatives", "vocab", "response", "dim", "layers"), baseline="authors")
-    harness.save_results(rows, args.out, x="context", panel_keys=("vocab", "negatives"), series_order=METHODS,
+    shape_keys = ("context", "negatives", "vocab", "response", "dim", "layers")
+    harness.add_relative(rows, shape_keys, baseline="authors")
+    harness.add_relative(rows, shape_keys, baseline="previous_attention")
+    harness.save_results(rows, args.out, x="context", panel_keys=("vocab", "negatives"), series_order=METHODS + EXTRA_METHODS,
                          title=f"LOGO training step fwd+bwd, {args.dtype}")
 
 

@@ -59,6 +59,8 @@ def check_linear_inputs(hidden, weight, targets, bias) -> None:
     vocab, dim = weight.shape
     if vocab == 0:
         raise ValueError("weight has an empty vocabulary (V = 0)")
+    if dim == 0:
+        raise ValueError("weight and hidden have no hidden dimension (D = 0): every logit would be the bias alone")
     if hidden.shape[-1] != dim:
         raise ValueError(f"hidden last dim {hidden.shape[-1]} != weight.shape[1] = {dim} (D)")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):

@@ -36,11 +36,12 @@ def test_negative_target_that_is_not_ignore_index():
         (lambda h, w, t: (h.int(), w, t), TypeError, r"hidden must be float32, bfloat16 or float16"),
         (lambda h, w, t: (h, w, t.float()), TypeError, r"targets must be an integer tensor"),
         (lambda h, w, t: (h, w[:0], t), ValueError, r"empty vocabulary"),
+        (lambda h, w, t: (h[:, :0], w[:, :0], t), ValueError, r"no hidden dimension \(D = 0\)"),
         (lambda h, w, t: (h.numpy(), w, t), TypeError, r"hidden must be a torch.Tensor"),
         (lambda h, w, t: (h, w.to("meta"), t), ValueError, r"must be on one device"),
     ],
     ids=["dim-mismatch", "weight-1d", "targets-shape", "dtype-mismatch", "int-hidden", "float-targets",
-         "empty-vocab", "not-a-tensor", "device-mismatch"],
+         "empty-vocab", "no-hidden-dim", "not-a-tensor", "device-mismatch"],
 )
 def test_shape_dtype_device_errors(mutate, error, message):
     with pytest.raises(error, match=message):

@@ -31,8 +31,8 @@ def supported(q: torch.Tensor) -> bool:
 
 
 def key_block_for(q: torch.Tensor, elements: int) -> int:
-    """Keys per backward block so that a block's per-query-head dK (and dV) partials hold at most ``elements``
-    values; at least 256 (flash's own key split is 512 at most, smaller blocks only add calls)."""
+    """Keys (and query rows) per folded backward call, so that the call's dQ, dK, dV parts hold at most ``elements``
+    values each; at least 256 (flash's own key split is 512 at most, smaller blocks only add calls)."""
     heads, dim = q.shape[1], q.shape[-1]
     return max(256, elements // max(1, heads * dim))
 
@@ -73,10 +73,10 @@ def flash_backward(grad, q, k, v, out, lse, causal: bool, scale: float, key_bloc
                                      causal, scale)
         return _unfolded(dq), dk.sum(0, keepdim=True, dtype=torch.float32), dv.sum(0, keepdim=True,
                                                                                     dtype=torch.float32)
-    dq = torch.zeros(q.shape, dtype=torch.float32)  # accumulated through its folded view: no copy returned
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # filled through its folded view: no copy
     dq_folded = _folded(dq, kv_heads)
-    dk = torch.zeros(k.shape, dtype=torch.float32)
-    dv = torch.zeros(v.shape, dtype=torch.float32)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for k0 in range(0, m, key_block):
         k1 = min(m, k0 + key_block)
         kb = k[:, :, k0:k1].expand(groups, -1, -1, -1)

@@ -86,8 +86,7 @@ static void filtered_backward(const Coefficients& co, const at::Tensor& h_walk, 
       const at::Tensor rows_buf = at::empty({bn}, i64);
       const at::Tensor dw_tile = need_weight && dw_in_tiles ? at::empty({bv, dim}, f32) : at::Tensor();
       const at::Tensor dh_rows_buf = need_hidden ? at::empty({bn, dim}, f32) : at::Tensor();  // gathered rows' dH
-      const at::Tensor buffer16 =
-          math == TileMath::kBf16Dot ? at::empty({bn * bv}, h_walk.options().dtype(at::kBFloat16)) : at::Tensor();
+      const at::Tensor buffer16 = coefficient_buffer(math, bn, bv, h_walk);
       const at::Tensor db_tile = need_bias && order.defined() ? at::empty({bv}, f32) : at::Tensor();
       std::vector<float> bias_buf(bias != nullptr && order.defined() ? bv : 0);
       std::vector<int64_t> targets_at(bn);

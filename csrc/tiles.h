@@ -167,6 +167,11 @@ struct WeightTile {
   }
 };
 
+// The bf16 buffer coefficient_operand rounds a [bn, bv] tile into (kBf16Dot; undefined for kFloat32), one per thread.
+inline at::Tensor coefficient_buffer(TileMath math, int64_t bn, int64_t bv, const at::Tensor& like) {
+  return math == TileMath::kBf16Dot ? at::empty({bn * bv}, like.options().dtype(at::kBFloat16)) : at::Tensor();
+}
+
 // A coefficient tile [m, bv] (fp32, contiguous) as the products read it: itself (kFloat32), or rounded to bf16 into
 // `buffer16` (kBf16Dot: [>= m * bv] bf16; one vectorised conversion serves both products of a visit).
 inline at::Tensor coefficient_operand(const at::Tensor& coef, const at::Tensor& buffer16, TileMath math) {
@@ -272,8 +277,7 @@ void walk_superblock(const at::Tensor& h_walk, const at::Tensor& w, const float*
     const at::Tensor buf = at::empty({bn * bv}, f32);
     const at::Tensor scratch_buf = scratch_tiles >= 1 ? at::empty({bn * bv}, f32) : at::Tensor();
     const at::Tensor scratch2_buf = scratch_tiles >= 2 ? at::empty({bn * bv}, f32) : at::Tensor();
-    const at::Tensor buffer16 =
-        math == TileMath::kBf16Dot ? at::empty({bn * bv}, h_walk.options().dtype(at::kBFloat16)) : at::Tensor();
+    const at::Tensor buffer16 = coefficient_buffer(math, bn, bv, h_walk);
     std::vector<float> bias_buf(bias != nullptr && order.defined() ? bv : 0);
     for (int64_t s = s_begin; s < s_end; ++s) {
       on_slice(s);

@@ -152,9 +152,9 @@ def skip_reason(method: str, context: int, response: int, negatives: int, vocab:
     import torch
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
-    if method == "previous_attention" and family != "llama":
-        return f"the previous attention dropped {family}'s attention features (wrong log-probs): llama only"
     if method == "previous_attention":
+        if family != "llama":
+            return f"the previous attention dropped {family}'s attention features (wrong log-probs): llama only"
         try:
             previous_attention()
         except RuntimeError as error:  # no git, or a checkout without that history

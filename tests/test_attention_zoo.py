@@ -310,20 +310,38 @@ def test_cpu_flash_merge_of_responses_is_exact(dtype, key_block):
         assert (mine.double() - exact.double()).abs().max() <= (materialised.double() - exact.double()).abs().max() + tol
 
 
+def assert_cpu_flash_row_within_the_tolerance_rule(q, k, v, prefix, lengths, scale, key_block, upstream, tol):
+    """The CPU flash path of one packed row — the causal prefix, then the responses merged over it — forward and every
+    gradient against a float64 materialised reference, by the tolerance rule: error <= the same-dtype materialised
+    computation's + ``tol`` (for gradients ``tol`` relative to the gradient's size: flash's probabilities
+    exp(s - lse) carry ~1e-6 relative error of their own, the same in one call over all keys, which the materialised
+    softmax does not)."""
+    from logo.attention.merged import causal_prefix, responses_over_prefix
+
+    head = causal_prefix(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], scale, key_block)
+    ours = torch.cat([head, responses_over_prefix(q, k, v, prefix, lengths, scale, key_block)], 2)[0]
+    our_grads = torch.autograd.grad((ours.float() * upstream).sum(), [q, k, v])
+    segments = attention._row_segments(prefix, lengths, True)
+    results = {}
+    for ref_dtype in (torch.float64, q.dtype):
+        ref = dense_reference(q[0], k[0], v[0], segments, scale, None, None, None, ref_dtype)
+        results[ref_dtype] = ref, torch.autograd.grad((ref.double() * upstream.double()).sum(), [q, k, v])
+    (ref, ref_grads), (naive, naive_grads) = results[torch.float64], results[q.dtype]
+    assert (ours.double() - ref).abs().max() <= (naive.double() - ref).abs().max() + tol
+    for mine, exact, materialised in zip(our_grads, ref_grads, naive_grads):
+        scale_of = max(1.0, float(exact.abs().max()))
+        assert (mine.double() - exact).abs().max() <= (materialised.double() - exact).abs().max() + tol * scale_of
+
+
 @hsettings(max_examples=30, deadline=None)
 @given(prefix=st.integers(1, 40), responses=st.lists(st.integers(1, 12), min_size=1, max_size=3),
        kv_heads=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]), key_block=st.integers(1, 45),
        seed=st.integers(0, 2 ** 16))
 def test_cpu_flash_prefix_and_responses_match_fp64_with_folded_key_blocks(prefix, responses, kv_heads, groups,
                                                                          key_block, seed):
-    """The CPU flash path of a plain layer (logo.attention.merged): the causal prefix in one flash call, the
-    responses merged over it, and the backward with each query group folded into the batch and the keys walked in
-    blocks of any size (a block's diagonal causal, the queries past it plain, the partial last block) — forward and
-    every gradient against a float64 materialised reference, by the tolerance rule (fp32) with the small tolerance
-    relative to the gradient's size: flash's probabilities exp(s - lse) carry ~1e-6 relative error of their own (the
-    same in one call over all keys), which the materialised softmax does not."""
-    from logo.attention.merged import causal_prefix, responses_over_prefix
-
+    """The CPU flash path of a plain layer (logo.attention.merged) with each query group folded into the batch in
+    the backward and the keys walked in blocks of any size (a block's diagonal causal, the queries past it plain,
+    the partial last block): forward and every gradient against float64 by the tolerance rule (fp32)."""
     g = torch.Generator().manual_seed(seed)
     heads, d = kv_heads * groups, 8
     length = prefix + sum(responses)
@@ -331,19 +349,7 @@ def test_cpu_flash_prefix_and_responses_match_fp64_with_folded_key_blocks(prefix
     k = (torch.randn(1, kv_heads, length, d, generator=g) * 2).requires_grad_()
     v = torch.randn(1, kv_heads, length, d, generator=g).requires_grad_()
     upstream = torch.randn(heads, length, d, generator=g)
-    head = causal_prefix(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], 0.4, key_block)
-    tail = responses_over_prefix(q, k, v, prefix, responses, 0.4, key_block)
-    ours = torch.cat([head, tail], 2)[0]
-    our_grads = torch.autograd.grad((ours * upstream).sum(), [q, k, v])
-    segments = attention._row_segments(prefix, responses, True)
-    ref = dense_reference(q[0], k[0], v[0], segments, 0.4, None, None, None)
-    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [q, k, v])
-    naive = dense_reference(q[0], k[0], v[0], segments, 0.4, None, None, None, torch.float32)
-    naive_grads = torch.autograd.grad((naive * upstream).sum(), [q, k, v])
-    assert (ours.double() - ref).abs().max() <= (naive.double() - ref).abs().max() + 1e-5
-    for ours_g, ref_g, naive_g in zip(our_grads, ref_grads, naive_grads):
-        tol = 1e-5 * max(1.0, float(ref_g.abs().max()))
-        assert (ours_g.double() - ref_g).abs().max() <= (naive_g.double() - ref_g).abs().max() + tol
+    assert_cpu_flash_row_within_the_tolerance_rule(q, k, v, prefix, responses, 0.4, key_block, upstream, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -351,7 +357,7 @@ def test_cpu_flash_path_at_production_block_sizes_in_every_dtype(dtype):
     """The CPU flash path where production runs it: a 1100-token prefix (past flash's own 512-key split) in 256-key
     backward blocks (the smallest key_block_for gives) and 256-row chunks, a response longer than a block, 4 / 1
     heads — forward and gradients against float64 by the tolerance rule, in fp32, bf16 and fp16."""
-    from logo.attention.merged import causal_prefix, key_block_for, responses_over_prefix
+    from logo.attention.merged import key_block_for
 
     g = torch.Generator().manual_seed(1)
     heads, kv, d, prefix, lengths = 4, 1, 16, 1100, (300, 7)
@@ -360,17 +366,5 @@ def test_cpu_flash_path_at_production_block_sizes_in_every_dtype(dtype):
     key_block = key_block_for(q, 1)
     assert key_block == 256
     upstream = torch.randn(heads, length, d, generator=g)
-    head = causal_prefix(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], 0.25, key_block)
-    ours = torch.cat([head, responses_over_prefix(q, k, v, prefix, lengths, 0.25, key_block)], 2)[0]
-    our_grads = torch.autograd.grad((ours.float() * upstream).sum(), [q, k, v])
-    segments = attention._row_segments(prefix, lengths, True)
-    results = {}
-    for ref_dtype in (torch.float64, dtype):
-        ref = dense_reference(q[0], k[0], v[0], segments, 0.25, None, None, None, ref_dtype)
-        results[ref_dtype] = ref, torch.autograd.grad((ref.double() * upstream.double()).sum(), [q, k, v])
-    (ref, ref_grads), (naive, naive_grads) = results[torch.float64], results[dtype]
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (ours.double() - ref).abs().max() <= (naive.double() - ref).abs().max() + tol
-    for mine, exact, materialised in zip(our_grads, ref_grads, naive_grads):
-        scale = max(1.0, float(exact.abs().max()))
-        assert (mine.double() - exact).abs().max() <= (materialised.double() - exact).abs().max() + tol * scale
+    assert_cpu_flash_row_within_the_tolerance_rule(q, k, v, prefix, lengths, 0.25, key_block, upstream, tol)
